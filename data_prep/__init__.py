@@ -1,0 +1,1 @@
+"""Offline data preparation: synthetic ImageNet-like data, sharding into WebDataset tars, verification."""

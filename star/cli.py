@@ -1,0 +1,65 @@
+"""The `star` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module that exposes ``main(argv) -> int`` and builds its
+own argparse parser (``prog="star NAME"``). This file only routes, so ``star --help`` is
+instant and a broken optional dependency of one subcommand never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module exposing main(argv), one-line help). Order is the order of a user's day.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("data_prep.synth", "write a synthetic ImageNet-like ImageFolder tree (tests, demo)"),
+    "shard": ("data_prep.shard", "shard an ImageFolder into globally shuffled WebDataset tars + DALI indexes"),
+    "verify": ("data_prep.verify", "re-hash shards and check indexes and counts against the manifest"),
+    "pretrain": ("star.train.pretrain", "STAR / ARM autoregressive pretraining (DeepSpeed ZeRO, resumable)"),
+    "finetune": ("star.train.finetune", "fine-tune the 4-scan classifier from a pretrained checkpoint"),
+    "eval": ("star.train.evaluate", "top-1 / top-5 of a checkpoint on the validation shards"),
+    "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
+    "profile": ("star.profile", "throughput of the data pipeline, the model and the training step"),
+    "demo": ("star.demo", "the whole pipeline end to end on CPU in minutes, with plots"),
+    "smoke": ("star.smoke", "one forward/backward of a model by name on random images (sanity check)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: star <command> [options]",
+        "",
+        "STAR: separator-based autoregressive pretraining of Vision Mamba.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `star <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from star import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean `star {close[0]}`?)" if close else ""
+        print(f"star: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
