@@ -8,6 +8,7 @@ instant and a broken optional dependency of one subcommand never breaks the othe
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module exposing main(argv), one-line help). Order is the order of a user's day.
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean `star {close[0]}`?)" if close else ""
         print(f"star: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # Idle OpenMP threads sleep instead of spinning: the pure-PyTorch scan runs hundreds of
+    # small ops per call, and spinning workers starve each other whenever cores are shared
+    # (several ranks per CPU node, data workers). No effect on GPU kernels.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 
