@@ -15,7 +15,7 @@
 #
 # Environment (all optional except where noted):
 #   SRC             ImageNet root holding train/<wnid>/*.JPEG and val/ (default /datasets/imagenet)
-#   OUT             output folder on storage every training node can read (default $STAR_ROOT/data/imagenet-shards)
+#   OUT             output folder on storage every training node can read (default $STAR_ROOT/data/imagenet_shards)
 #   WORKERS         parallel processes (default: the CPUs SLURM gave this task)
 #   SHARD_BYTES     bytes per shard (default 1e9, about 8,600 images)
 #   SEED            shuffle seed (default 0)
@@ -58,7 +58,7 @@ else
 fi
 
 SRC=${SRC:-/datasets/imagenet}
-OUT=${OUT:-$STAR_ROOT/data/imagenet-shards}
+OUT=${OUT:-$STAR_ROOT/data/imagenet_shards}
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-$(nproc)}}
 SHARD_BYTES=${SHARD_BYTES:-1000000000}
 SEED=${SEED:-0}
