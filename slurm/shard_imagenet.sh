@@ -38,24 +38,13 @@
 ##SBATCH --account=my-project
 
 set -euo pipefail
-log() { printf '[star-shard %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
-die() { log "error: $*" >&2; exit 2; }
-
 STAR_ROOT=${STAR_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-cd "$STAR_ROOT" || die "cannot cd to STAR_ROOT=$STAR_ROOT"
-[[ -d data_prep ]] || die "STAR_ROOT=$STAR_ROOT is not the STAR repository: submit from the repository root or set STAR_ROOT"
-venv=${STAR_VENV:-$STAR_ROOT/.venv}
-if [[ -z ${VIRTUAL_ENV:-} && -f $venv/bin/activate ]]; then
-    # shellcheck disable=SC1091
-    source "$venv/bin/activate"
-fi
-if [[ -n ${STAR_CMD:-} ]]; then
-    read -r -a STAR_CMD <<<"$STAR_CMD"
-elif command -v star >/dev/null 2>&1; then
-    STAR_CMD=(star)
-else
-    STAR_CMD=(python -m data_prep)
-fi
+# shellcheck source=slurm/_common.sh
+source "$STAR_ROOT/slurm/_common.sh" \
+    || { echo "cannot source $STAR_ROOT/slurm/_common.sh: submit from the repository root or set STAR_ROOT" >&2; exit 2; }
+star_env   # repository root, virtualenv, STAR_CMD; no requeue logic: a rerun resumes by itself
+log() { star_log "$@"; }
+die() { star_die "$@"; }
 
 SRC=${SRC:-/datasets/imagenet}
 OUT=${OUT:-$STAR_ROOT/data/imagenet_shards}
