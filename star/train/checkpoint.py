@@ -1,0 +1,128 @@
+"""Resumable checkpoints of a DeepSpeed engine, with an atomically committed ``latest`` pointer.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    step_000001000/         one DeepSpeed checkpoint (model + ZeRO optimizer shards of every rank)
+        rng_rank00000.pt    this rank's RNG states (Python, NumPy, torch, CUDA, extra generators)
+        ...
+    latest                  text: the tag of the newest *complete* checkpoint
+
+Every rank calls ``engine.save_checkpoint`` (ZeRO shards are per rank) with DeepSpeed's own
+``latest`` disabled; after a barrier proves that all ranks finished writing, rank 0 commits
+the pointer (write ``latest.tmp``, fsync, ``os.replace``) and prunes old checkpoints. A crash
+at any moment leaves ``latest`` naming a checkpoint that is complete. The training position
+(step, epoch, step within epoch), EMA and counters travel in DeepSpeed's ``client_state``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from star.train.distributed import barrier
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def capture_rng(extra: dict[str, torch.Generator] | None = None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["extra"] = {name: gen.get_state() for name, gen in (extra or {}).items()}
+    return state
+
+
+def restore_rng(state: dict, extra: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (extra or {}).items():
+        if name in state["extra"]:
+            gen.set_state(state["extra"][name])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, *, rank: int, keep_last: int) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.keep_last = keep_last
+
+    @property
+    def pointer(self) -> Path:
+        return self.dir / "latest"
+
+    def latest_tag(self) -> str | None:
+        """The committed newest checkpoint, or None for a fresh run."""
+        if not self.pointer.is_file():
+            return None
+        tag = self.pointer.read_text().strip()
+        if not (self.dir / tag).is_dir():
+            raise FileNotFoundError(f"{self.pointer} names {tag!r} but {self.dir / tag} does not exist; "
+                                    f"the run directory was edited by hand. Point `latest` at an existing "
+                                    f"step_* directory or start a new run directory.")
+        return tag
+
+    def save(self, engine, step: int, client_state: dict, rng_extra: dict | None = None) -> str:
+        tag = tag_for(step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(capture_rng(rng_extra), self.dir / tag / f"rng_rank{self.rank:05d}.pt")
+        barrier()  # every rank has finished writing its shards
+        if self.rank == 0:
+            self._commit(tag)
+            self._prune(keep=tag)
+        barrier()  # nobody races ahead and reads a half-pruned directory
+        return tag
+
+    def _commit(self, tag: str) -> None:
+        tmp = self.pointer.with_name("latest.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(tag + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.pointer)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _prune(self, keep: str) -> None:
+        """Keep the newest ``keep_last`` checkpoints up to ``keep``; drop older ones and any
+        newer ones (left half-written by a run that was killed and has now been replayed)."""
+        current = int(TAG_RE.match(keep).group(1))
+        tags = sorted((int(m.group(1)), p) for p in self.dir.iterdir()
+                      if p.is_dir() and (m := TAG_RE.match(p.name)))
+        older = [p for step, p in tags if step <= current]
+        stale = [p for step, p in tags if step > current]
+        for path in older[:-self.keep_last] + stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, engine, rng_extra: dict | None = None) -> dict | None:
+        """Restore the newest complete checkpoint into ``engine``; return its client state."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        rng_file = self.dir / tag / f"rng_rank{self.rank:05d}.pt"
+        if rng_file.is_file():
+            restore_rng(torch.load(rng_file, weights_only=False), rng_extra)
+        else:
+            raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by a run with a "
+                                    f"different number of ranks; resume with the same world size")
+        return client_state

@@ -1,0 +1,145 @@
+"""`star eval`: top-1 / top-5 of a classifier on the validation shards, over any number of ranks.
+
+    star eval --ckpt runs/ft_b --data data/imagenet_shards            # a fine-tuning run dir
+    star eval --ckpt model.pth --config finetune_b --data DIR --ema    # a weights file
+
+Every validation image is counted exactly once whatever the world size: each rank sums its
+correct predictions over ``batch.valid`` (the loader pads the last batch) and the sums are
+all-reduced, so the reported image count equals the manifest's sample count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, *, device: str, amp_dtype: torch.dtype | None = None,
+             epoch: int = 0) -> dict:
+    """{"top1", "top5" (percent), "images"} over the whole split, summed over ranks."""
+    from star.train.distributed import all_reduce_sum
+
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = count = 0.0
+    device_type = torch.device(device).type
+    autocast = torch.autocast(device_type=device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        for batch in loader.epoch(epoch):
+            with autocast:
+                logits = model(batch.images)
+            valid = batch.valid.bool()
+            labels = batch.labels[valid]
+            top5 = logits[valid].float().topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits = top5 == labels[:, None]
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=-1).sum().item()
+            count += valid.sum().item()
+    finally:
+        model.train(was_training)
+    correct1, correct5, count = all_reduce_sum([correct1, correct5, count], device)
+    return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1),
+            "images": int(count)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="star eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, metavar="PATH",
+                        help="a `star finetune` run dir (its newest checkpoint and config.yaml), its best.pth, "
+                             "or a weights file (exported, or a state dict under 'model')")
+    parser.add_argument("--data", required=True, metavar="DIR", help="shard directory holding val.json")
+    parser.add_argument("--config", metavar="NAME|PATH",
+                        help="config naming the model (default: the run dir's config.yaml; needed for a file)")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (run dir or best.pth)")
+    parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per rank per batch (default 64)")
+    parser.add_argument("--backend", choices=("dali", "baseline"), help="loader backend (default: the config's)")
+    parser.add_argument("--num-threads", type=int, help="decoding threads per rank (default: the config's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
+    return parser
+
+
+def _weights(ckpt: Path, ema: bool) -> dict:
+    from star.train.weights import consolidate_run, read_weights
+
+    if ckpt.is_dir():
+        return consolidate_run(ckpt, ema=ema)
+    if ema:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if not isinstance(state.get("ema"), dict):
+            raise ValueError(f"{ckpt} has no 'ema' entry; drop --ema or give a run dir / best.pth")
+        return state["ema"]
+    return read_weights(ckpt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from star.config import ConfigError, load_config
+    from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+    from star.train.engine import autocast_dtype, resolve_ds_config_path
+    from star.train.runtime import build_data_loader, build_model
+
+    ckpt = Path(args.ckpt)
+    try:
+        run_config = ckpt / "config.yaml" if ckpt.is_dir() else ckpt.parent / "config.yaml"
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+        elif run_config.is_file():
+            cfg = load_config(base=yaml.safe_load(run_config.read_text()), overrides=args.overrides)
+        else:
+            raise ConfigError(f"{ckpt} is not a run dir with config.yaml: pass --config naming the model "
+                              f"(e.g. --config finetune_b)")
+        if cfg.kind != "finetune":
+            raise ConfigError(f"config {cfg.name!r} describes a {cfg.kind} model; evaluation needs a "
+                              f"fine-tuning (classifier) config such as finetune_b")
+        if args.backend:
+            cfg.data.backend = args.backend
+        if args.num_threads:
+            cfg.data.num_threads = args.num_threads
+        device = resolve_device(cfg.device)
+        amp = autocast_dtype(json.loads(resolve_ds_config_path(cfg.ds_config, device).read_text()))
+    except ConfigError as exc:
+        print(f"star eval: error: {exc}", file=sys.stderr)
+        return 2
+    dist_env = resolve_dist_env()
+    if dist_env.world_size > 1:
+        dist_env = init_distributed(device, use_deepspeed=False)
+    if device == "cuda":
+        device = f"cuda:{dist_env.local_rank}"
+        torch.cuda.set_device(dist_env.local_rank)
+    try:
+        loader = build_data_loader(cfg, "eval", args.split, args.batch_size, rank=dist_env.rank,
+                                   world_size=dist_env.world_size, device=device, data_dir=args.data)
+        if cfg.model.num_classes is None:
+            cfg.model.num_classes = loader.num_classes
+        model = build_model(cfg)
+        missing, unexpected = model.load_state_dict(_weights(ckpt, args.ema), strict=False)
+        if missing or unexpected:
+            print(f"star eval: error: {ckpt} does not fit {cfg.model.name}: missing {missing[:5]}, "
+                  f"unexpected {unexpected[:5]}", file=sys.stderr)
+            return 2
+        model.to(device)
+        result = evaluate(model, loader, device=device, amp_dtype=amp)
+        result.update(ckpt=str(ckpt), ema=args.ema, split=args.split, num_samples=loader.num_samples,
+                      world_size=dist_env.world_size)
+        if dist_env.is_main:
+            print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  on {result['images']} images "
+                  f"({'EMA, ' if args.ema else ''}{dist_env.world_size} rank(s))")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if result["images"] != loader.num_samples:
+            print(f"star eval: error: evaluated {result['images']} images but the split has "
+                  f"{loader.num_samples}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        destroy()

@@ -1,0 +1,218 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+One optimizer step = ``accum_steps`` micro-batches from the loader, each through DeepSpeed's
+``forward`` / ``backward`` / ``step`` (the engine applies the update at the accumulation
+boundary). Per step, and in this order:
+
+1. lr = schedule(step) x group lr_scale, a pure function of the step;
+2. the micro-batches; a non-finite loss is not special-cased on the way: its NaN/inf
+   gradients make ZeRO-1/2's global grad norm non-finite, and DeepSpeed then skips the
+   update on *every* rank (the norm is global), leaving weights and AdamW states untouched;
+3. one all-reduce of [stop requested, non-finite seen, loss, data wait] so all ranks agree
+   on stopping and on counting the step as skipped;
+4. EMA update (taken steps only), a metrics.jsonl record;
+5. stop (save, exit 75) / too many non-finite steps in a row (save, exit 76) / periodic
+   checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates) then a checkpoint.
+
+The data position is (epoch, step within epoch): a resumed run asks the loader for
+``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from star.config import Config
+from star.train import EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
+from star.train.checkpoint import Checkpointer
+from star.train.distributed import DistEnv, all_reduce_sum
+from star.train.ema import ModelEma
+from star.train.engine import BatchPlan, grad_norm, set_lr
+from star.train.metrics import RunLogger
+from star.train.schedule import lr_at, scaled_lr
+from star.train.stopping import StopFlag
+
+
+class Task(Protocol):
+    """What differs between pretraining and fine-tuning."""
+
+    rng_generators: dict[str, torch.Generator]
+
+    def loss(self, engine, batch) -> torch.Tensor: ...
+
+    def end_of_epoch(self, epoch: int, step: int, engine, ema: ModelEma | None) -> dict | None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model and optimizer that a checkpoint restores."""
+
+    step: int = 0             # optimizer steps done (taken or skipped)
+    epoch: int = 0            # epoch in progress
+    step_in_epoch: int = 0    # optimizer steps of that epoch done
+    skipped_steps: int = 0    # non-finite steps, total
+    nonfinite_in_row: int = 0
+
+
+def _record_finished(logger: RunLogger, state: TrainState) -> None:
+    logger.info(f"[green]finished[/green] at step {state.step} "
+                f"({state.skipped_steps} non-finite steps skipped in total)")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, engine, loader, task: Task, plan: BatchPlan,
+                 dist_env: DistEnv, device: str) -> None:
+        self.cfg, self.run_dir, self.engine, self.loader, self.task = cfg, Path(run_dir), engine, loader, task
+        self.plan, self.dist_env, self.device = plan, dist_env, device
+        self.steps_per_epoch = loader.steps_per_epoch // plan.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training split has {loader.num_samples} images: fewer than one optimizer step of "
+                f"{plan.global_images} images (batch.global_images); lower batch.global_images")
+        self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
+        self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.end_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, plan.global_images)
+        self.min_lr = scaled_lr(cfg.optim.min_lr, plan.global_images)
+        self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+        self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
+        self.state = TrainState()
+
+    # ---------------------------------------------------------------- checkpoint glue
+    def _client_state(self) -> dict:
+        return {"train_state": asdict(self.state), "ema": self.ema.state_dict() if self.ema else None,
+                "task": self.task.state_dict(), "config": self.cfg.to_dict()}
+
+    def save(self) -> str:
+        return self.ckpt.save(self.engine, self.state.step, self._client_state(), self.task.rng_generators)
+
+    def resume(self) -> bool:
+        client = self.ckpt.load(self.engine, self.task.rng_generators)
+        if client is None:
+            return False
+        self.state = TrainState(**client["train_state"])
+        if self.ema is not None:
+            if client.get("ema") is None:
+                raise RuntimeError("ema.enabled=true but the checkpoint has no EMA; it was started with "
+                                   "ema.enabled=false (keep the setting of the run you resume)")
+            self.ema.load_state_dict(client["ema"])
+        self.task.load_state_dict(client.get("task") or {})
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, stop: StopFlag) -> int:
+        """Train to the end (0), or until a stop request (75) or a run of non-finite steps (76)."""
+        cfg, plan = self.cfg, self.plan
+        resumed = self.resume()
+        logger = RunLogger(self.run_dir, enabled=self.dist_env.is_main, every_steps=cfg.log.every_steps,
+                           tensorboard=cfg.log.tensorboard, resume_step=self.state.step if resumed else None)
+        self.logger = logger
+        where = f"resumed at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} " \
+                f"of it)" if resumed else "new run"
+        logger.info(f"[bold]{cfg.kind}[/bold] {cfg.name or ''} in {self.run_dir}: {where}; "
+                    f"{self.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {self.total_steps} steps "
+                    f"(running to {self.end_step}); global batch {plan.global_images} images = "
+                    f"{plan.global_sequences} sequences of {plan.images_per_seq}, {plan.world_size} rank(s) x "
+                    f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
+        try:
+            return self._run(logger, stop)
+        finally:
+            logger.close()
+
+    def _run(self, logger: RunLogger, stop: StopFlag) -> int:
+        cfg, state, engine = self.cfg, self.state, self.engine
+        if state.step >= self.end_step:
+            _record_finished(logger, state)
+            return EXIT_OK
+        saved_at = state.step
+        while state.step < self.end_step:
+            batches = iter(self.loader.epoch(state.epoch, start_step=state.step_in_epoch * self.plan.accum_steps))
+            try:
+                while state.step_in_epoch < self.steps_per_epoch and state.step < self.end_step:
+                    code = self._one_step(batches, logger, stop)
+                    if code is not None:
+                        return code
+                    if state.step % cfg.checkpoint.every_steps == 0 and state.step_in_epoch < self.steps_per_epoch:
+                        self.save()
+                        saved_at = state.step
+            finally:
+                if hasattr(batches, "close"):
+                    batches.close()  # release the loader's workers of a partly read epoch
+            if state.step_in_epoch >= self.steps_per_epoch:
+                epoch_done = state.epoch
+                state.epoch += 1
+                state.step_in_epoch = 0
+                record = self.task.end_of_epoch(epoch_done, state.step, engine, self.ema)
+                if record is not None:
+                    logger.evaluation({"epoch": epoch_done, "step": state.step, **record})
+                self.save()
+                saved_at = state.step
+        if saved_at != state.step:
+            self.save()
+        _record_finished(logger, state)
+        return EXIT_OK
+
+    def _one_step(self, batches, logger: RunLogger, stop: StopFlag) -> int | None:
+        cfg, state, engine, plan = self.cfg, self.state, self.engine, self.plan
+        t_start = time.perf_counter()
+        lr = lr_at(state.step, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps,
+                   total_steps=self.total_steps, min_lr=self.min_lr)
+        set_lr(engine.optimizer, lr)
+        wait, losses = 0.0, []
+        for _ in range(plan.accum_steps):
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t_wait
+            loss = self.task.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach().float().item()))
+        norm = grad_norm(engine)
+        local_nonfinite = not all(math.isfinite(v) for v in losses) or not math.isfinite(norm)
+        step_time = time.perf_counter() - t_start
+        corrupt = float(self.loader.stats().get("skipped_corrupt", 0)) if hasattr(self.loader, "stats") else 0.0
+        stop_votes, nonfinite_votes, loss_sum, wait_sum, corrupt_sum = all_reduce_sum(
+            [float(stop.requested), float(local_nonfinite), sum(losses) / len(losses), wait, corrupt],
+            self.device)
+        skipped = nonfinite_votes > 0
+        state.step += 1
+        state.step_in_epoch += 1
+        if skipped:
+            state.skipped_steps += 1
+            state.nonfinite_in_row += 1
+        else:
+            state.nonfinite_in_row = 0
+            if self.ema is not None:
+                self.ema.update(engine.module)
+        world = plan.world_size
+        logger.step({
+            "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+            "total_steps": self.total_steps, "loss": loss_sum / world, "lr": lr, "grad_norm": norm,
+            "skipped": bool(skipped), "skipped_total": state.skipped_steps,
+            "images_per_s": plan.global_images / max(step_time, 1e-9),
+            "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
+            "corrupt_skipped": int(corrupt_sum),
+            "time": time.time(),
+        })
+        if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
+            self.save()
+            logger.info(f"[red]stopping: {state.nonfinite_in_row} non-finite steps in a row[/red] (step "
+                        f"{state.step}, max_nonfinite_in_row={cfg.max_nonfinite_in_row}). The last good weights "
+                        f"are saved; lower optim.base_lr or check the data before resuming. Exit code {EXIT_NONFINITE}.")
+            return EXIT_NONFINITE
+        if stop_votes > 0:
+            tag = self.save()
+            logger.info(f"[yellow]stop requested ({stop.signal_name or 'by another rank'}): saved {tag}; "
+                        f"run the same command again to resume. Exit code {EXIT_STOPPED}.[/yellow]")
+            return EXIT_STOPPED
+        return None

@@ -1,0 +1,66 @@
+"""Plain state dicts in and out of runs: consolidate a run's ZeRO checkpoint, read weight files.
+
+A run's checkpoint keeps the fp32 weights partitioned over ranks (ZeRO's optimizer shards);
+``consolidate_run`` rebuilds one full float32 state dict with the model's own parameter names
+(which are ARM's), plus the buffers, in the module's order. Weight files are read with
+``weights_only=True`` (safe for files from elsewhere, e.g. ARM's ``checkpoint-1599.pth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from star.train.checkpoint import Checkpointer
+
+
+def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = tag or Checkpointer(run_dir, rank=0, keep_last=1).latest_tag()
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir} has no committed checkpoint ({ckpt_dir / 'latest'} is missing); "
+                                f"is it a run directory of `star pretrain` / `star finetune`?")
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag!r} in {ckpt_dir}")
+    return ckpt_dir, tag
+
+
+def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a run's newest (or ``tag``) checkpoint; ``ema=True`` gives the EMA."""
+    ckpt_dir, tag = checkpoint_tag(Path(run_dir), tag)
+    states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if ema:
+        if states.get("ema") is None:
+            raise ValueError(f"{ckpt_dir / tag} holds no EMA weights (the run had ema.enabled=false)")
+        return dict(states["ema"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    params = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    module = states["module"]  # full module (params + buffers) in the model's order
+    out = {}
+    for name, value in module.items():
+        value = params.get(name, value)
+        out[name] = value.detach().float().clone() if value.is_floating_point() else value.clone()
+    return out
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a run dir (newest checkpoint), an exported file or an ARM checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        return consolidate_run(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: neither a run directory nor a weights file")
+    # MAE-style checkpoints (ARM's checkpoint-1599.pth) also pickle the argparse.Namespace of the
+    # run; allow exactly that class, nothing else, in the weights-only unpickler.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "module", "state_dict"):  # ARM / MAE / DeepSpeed style wrappers
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (keys {list(state)[:5]}...)")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}

@@ -1,0 +1,158 @@
+"""Typed configs: every preset loads, overrides parse as YAML, typos are named with a fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from star.config import Config, ConfigError, diff_configs, list_presets, load_config, valid_keys
+
+REQUIRED_PRESETS = [
+    "star_b_1600ep", "star_b_300ep", "star_b_200ep", "arm_b_1600ep", "arm_b_300ep", "star_l_1600ep",
+    "finetune_b", "finetune_l", "abl_sep_none_n4", "abl_sep_token_n4", "abl_sep_cluster_n4",
+    "abl_value_zeros", "abl_value_ones", "abl_value_embedding", "abl_value_identity",
+    "abl_pos_sc", "abl_pos_cs", "abl_pos_scs", "abl_pos_csc",
+    "abl_n1", "abl_n2", "abl_n4", "abl_n8", "abl_n16",
+    "finetune_b_cls_middle", "finetune_b_cls_tail", "finetune_b_cls_mean", "smoke", "smoke_finetune",
+]
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.kind in ("pretrain", "finetune")
+    assert cfg.batch.micro_images % cfg.model.images_per_seq == 0
+    from star.models import list_models
+
+    assert cfg.model.name in list_models()
+
+
+def test_required_presets_exist():
+    missing = sorted(set(REQUIRED_PRESETS) - set(list_presets()))
+    assert not missing, f"missing presets: {missing}"
+
+
+def test_paper_recipe_values():
+    """SPEC section 6, checked by hand against the table."""
+    cfg = load_config("star_b_1600ep")
+    assert (cfg.model.sep_type, cfg.model.sep_value, cfg.model.sep_position) == ("cluster", "identity", "SC")
+    assert cfg.model.images_per_seq == 8 and cfg.model.img_size == 192
+    assert cfg.batch.global_images == 2048 and cfg.optim.base_lr == 1.5e-4
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 3.0
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1600, 40)
+    ft = load_config("finetune_b")
+    assert (ft.batch.global_images, ft.optim.base_lr, ft.optim.layer_decay) == (1024, 5e-4, 0.65)
+    assert (ft.schedule.epochs, ft.schedule.warmup_epochs, ft.model.drop_path) == (100, 5, 0.1)
+    assert (ft.mixup.mixup_alpha, ft.mixup.cutmix_alpha, ft.mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    assert ft.ema.enabled and ft.ema.decay == 0.99992 and ft.model.cls_position == "tail"
+    assert load_config("finetune_l").optim.layer_decay == 0.75
+
+
+# Each row of SPEC section 7 -> (preset, overrides, expected model fields, epochs).
+SPEC_ROWS = [
+    ("arm_b_200ep", [], dict(name="arm_base_pz16", images_per_seq=1), 200),
+    ("abl_sep_none_n4", [], dict(sep_type="none", images_per_seq=4), 200),
+    ("abl_sep_token_n4", [], dict(sep_type="token", sep_value="zeros", images_per_seq=4), 200),
+    ("abl_sep_cluster_n4", [], dict(sep_type="cluster", sep_value="zeros", images_per_seq=4), 200),
+    ("abl_value_zeros", [], dict(sep_value="zeros", images_per_seq=8), 200),
+    ("abl_value_ones", [], dict(sep_value="ones"), 200),
+    ("abl_value_embedding", [], dict(sep_value="embedding"), 200),
+    ("abl_value_identity", [], dict(sep_value="identity"), 200),
+    ("abl_pos_sc", [], dict(sep_position="SC", sep_value="zeros"), 200),
+    ("abl_pos_cs", [], dict(sep_position="CS"), 200),
+    ("abl_pos_scs", [], dict(sep_position="SCS"), 200),
+    ("abl_pos_csc", [], dict(sep_position="CSC"), 200),
+    ("abl_n1", [], dict(images_per_seq=1, sep_type="cluster"), 200),
+    ("abl_n16", [], dict(images_per_seq=16), 200),
+    ("star_b_300ep", [], dict(sep_value="identity", images_per_seq=8), 300),
+    ("star_b_300ep", ["model.sep_value=zeros"], dict(sep_value="zeros"), 300),  # table 2, 300 ep
+    ("star_b_1600ep", [], dict(name="star_base_pz16"), 1600),
+    ("arm_b_300ep", [], dict(name="arm_base_pz16"), 300),
+    ("arm_b_1600ep", [], dict(name="arm_base_pz16"), 1600),
+]
+
+
+@pytest.mark.parametrize("preset,overrides,model,epochs", SPEC_ROWS)
+def test_spec_section7_rows_are_expressible(preset, overrides, model, epochs):
+    cfg = load_config(preset, overrides)
+    for key, value in model.items():
+        assert getattr(cfg.model, key) == value, (preset, key)
+    assert cfg.schedule.epochs == epochs
+
+
+def test_cls_position_presets():
+    assert [load_config(f"finetune_b_cls_{p}").model.cls_position for p in ("middle", "tail", "mean")] == \
+        ["middle", "tail", "none"]
+
+
+def test_overrides_parse_as_yaml_scalars():
+    cfg = load_config("star_b_1600ep", ["optim.base_lr=2e-4", "schedule.epochs=300", "ema.enabled=true",
+                                        "model.sep_type=token", "schedule.max_steps=null",
+                                        "optim.betas=[0.9, 0.99]", "data.dir=/data/on"])
+    assert cfg.optim.base_lr == 2e-4 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.schedule.epochs == 300 and cfg.ema.enabled is True
+    assert cfg.model.sep_type == "token" and cfg.schedule.max_steps is None
+    assert cfg.optim.betas == [0.9, 0.99]
+    assert cfg.data.dir == "/data/on"  # a string field keeps the text (YAML would say True for `on`)
+
+
+def test_unknown_key_names_it_and_the_closest():
+    with pytest.raises(ConfigError, match=r"`optim\.base_lrr`.*did you mean `optim\.base_lr`"):
+        load_config("star_b_1600ep", ["optim.base_lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"`optim\.weight_dcay`.*did you mean `optim\.weight_decay`"):
+        load_config("star_b_1600ep", ["optim.weight_dcay=0.1"])
+    with pytest.raises(ConfigError, match=r"`modle\.name`.*did you mean `model\.name`\?"):
+        load_config("star_b_1600ep", ["modle.name=x"])
+    with pytest.raises(ConfigError, match=r"`train\.epochs`.*did you mean `schedule\.epochs`\?"):
+        load_config("star_b_1600ep", ["train.epochs=300"])  # the right leaf in another section
+    with pytest.raises(ConfigError, match=r"`optim\.lr`.*`optim\.min_lr` or `optim\.base_lr`"):
+        load_config("star_b_1600ep", ["optim.lr=1e-3"])  # two equally close keys: both offered
+
+
+def test_unknown_key_in_a_preset_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: star_b_200ep\nschedule:\n  warmup_epoch: 5\n")
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_epoch.*mine\.yaml.*schedule\.warmup_epochs"):
+        load_config(str(path))
+
+
+def test_base_chain_from_a_user_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: abl_value_zeros\nmodel:\n  images_per_seq: 4\n")
+    cfg = load_config(str(path))
+    assert cfg.model.images_per_seq == 4 and cfg.model.sep_value == "zeros"  # from abl_value_zeros
+    assert cfg.schedule.epochs == 200 and cfg.optim.base_lr == 1.5e-4  # from star_b_200ep <- star_b_1600ep
+
+
+@pytest.mark.parametrize("override,match", [
+    ("schedule.epochs=ten", r"schedule\.epochs.*expected int"),
+    ("model.sep_type=cluter", r"model\.sep_type.*not one of"),
+    ("batch.micro_images=100", r"not a multiple of model\.images_per_seq"),
+    ("optim.layer_decay=1.5", r"layer_decay"),
+    ("model=3", r"`model`.*is a section"),
+    ("noequals", r"key\.sub=value"),
+])
+def test_bad_values_are_rejected(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("star_b_1600ep", [override])
+
+
+def test_missing_preset_suggests_close_names():
+    with pytest.raises(ConfigError, match="star_b_300ep"):
+        load_config("star_b_30ep")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("abl_pos_scs", ["optim.base_lr=3e-4"])
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(base=yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and not diff_configs(cfg, again)
+    assert diff_configs(cfg, load_config("abl_pos_scs")) == {"optim.base_lr": (3e-4, 1.5e-4)}
+
+
+def test_valid_keys_cover_sections():
+    keys = valid_keys()
+    assert "optim.base_lr" in keys and "model.images_per_seq" in keys and "checkpoint.every_steps" in keys
+    assert len(keys) == len(set(keys))
+    assert isinstance(Config().model.images_per_seq, int)
