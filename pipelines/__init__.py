@@ -31,18 +31,17 @@ def build_loader(mode: str, data_dir, *, split: str, batch_size: int, image_size
                  hflip: float | None = None, rand_augment_n: int | None = None,
                  rand_augment_m: float | None = None, rand_augment_mstd: float | None = None,
                  erase_prob: float | None = None, eval_crop_pct: float | None = None,
-                 interpolation: str | None = None, prefetch: int = 2, cpu_resize: str = "torch",
-                 shuffle_buffer: int | None = None) -> Loader:
+                 interpolation: str | None = None, prefetch: int = 2,
+                 cpu_resize: str = "torch") -> Loader:
     """A loader for ``mode`` ("pretrain" | "finetune" | "eval") over ``data_dir/{split}.json``.
 
     Augmentation knobs left as None take the paper's defaults for the mode (SPEC section 6).
-    ``shuffle_buffer`` is accepted for compatibility and unused: every epoch is a full global
-    permutation (see ``pipelines.sampling``). ``cpu_resize`` ("torch" | "dali"): who resizes
+    There is no shuffle buffer to size: every epoch is a full global permutation of the
+    manifest (see ``pipelines.sampling``). ``cpu_resize`` ("torch" | "dali"): who resizes
     in the DALI backend on the CPU (see ``pipelines.dali_backend``); on GPU DALI always does.
     ``prefetch``: DALI's queue depth. A missing DALI is an error naming the fix, never a
     silent switch to the baseline.
     """
-    del shuffle_buffer  # a global permutation needs no buffer
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r}: expected 'train' or 'val'")
     augment = AugmentConfig.for_mode(

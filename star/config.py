@@ -61,7 +61,6 @@ class DataConfig:
     val_split: str = "val"
     backend: str = "dali"          # dali | baseline
     num_threads: int = 4
-    shuffle_buffer: int = 4096
     on_corrupt: str = "error"      # error | skip
     # Extra keyword arguments for build_loader (augmentation knobs); the loader checks them.
     loader_kwargs: dict = field(default_factory=dict)

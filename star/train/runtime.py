@@ -95,8 +95,7 @@ def build_data_loader(cfg: Config, mode: str, split: str, batch_size: int, *, ra
     return build_loader(mode, data_dir or cfg.data.dir, split=split, batch_size=batch_size,
                         image_size=cfg.model.img_size, rank=rank, world_size=world_size, seed=cfg.seed,
                         backend=cfg.data.backend, num_threads=cfg.data.num_threads, device=device,
-                        dtype=torch.float32, on_corrupt=cfg.data.on_corrupt,
-                        shuffle_buffer=cfg.data.shuffle_buffer, **cfg.data.loader_kwargs)
+                        dtype=torch.float32, on_corrupt=cfg.data.on_corrupt, **cfg.data.loader_kwargs)
 
 
 def check_data(cfg: Config, splits: list[str]) -> None:
