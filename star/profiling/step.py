@@ -44,10 +44,10 @@ def build_training(cfg: Config, device: str, dist_env):
     plan = plan_batches(cfg, dist_env.world_size)
     ds = build_ds_config(resolve_ds_config_path(cfg.ds_config, device), plan, cfg.optim.grad_clip)
     seed_everything(cfg.seed)
-    if cfg.kind == "finetune" and cfg.model.num_classes is None:
-        from star.train.finetune import _num_classes
+    if cfg.kind == "finetune":
+        from star.train.finetune import fill_num_classes
 
-        cfg.model.num_classes = _num_classes(cfg)
+        fill_num_classes(cfg)
     model = build_model(cfg).to(device)
     if cfg.optim.layer_decay is not None:
         groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
