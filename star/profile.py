@@ -14,6 +14,8 @@ import statistics
 import sys
 import time
 
+from star.train.distributed import all_gather_objects
+
 SUBCOMMANDS = {
     "data": "images/s of the data loader (DALI or baseline) per rank and overall",
     "model": "forward + backward of the model on synthetic images (images/s, tokens/s, MFU)",
@@ -130,21 +132,11 @@ def data_profile(cfg, args, device: str, dist_env) -> dict:
                           seed=cfg.seed, backend=cfg.data.backend, num_threads=cfg.data.num_threads,
                           device=dev, on_corrupt=cfg.data.on_corrupt, **cfg.data.loader_kwargs)
     mine = time_loader(loader, max(1, args.batches), args.warmup if args.warmup is not None else 2, dev)
-    per_rank = _gather(mine)
+    per_rank = all_gather_objects(mine)
     return {"images_per_s": sum(r["images_per_s"] for r in per_rank), "batch_s": mine["batch_s"],
             "per_rank": per_rank,
             "details": f"{cfg.data.backend} loader, {cfg.kind}, batch {batch}/rank, {cfg.data.num_threads} threads, "
                        f"{len(per_rank)} rank(s)"}
-
-
-def _gather(obj) -> list:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def run_data(argv: list[str] | None) -> int:
@@ -176,7 +168,7 @@ def run_data(argv: list[str] | None) -> int:
                               on_corrupt=s["on_corrupt"], **s["loader_kwargs"])
         mine = time_loader(loader, args.batches, args.warmup, device)
         mine.update(rank=dist_env.rank, skipped_corrupt=loader.stats()["skipped_corrupt"])
-        per_rank = _gather(mine)
+        per_rank = all_gather_objects(mine)
     except (ValueError, FileNotFoundError) as exc:
         print(f"star profile data: error: {exc}", file=sys.stderr)
         return 2

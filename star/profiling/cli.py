@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from star.config import Config, ConfigError, list_presets, load_config
+from star.train.distributed import all_gather_objects
 
 WHAT_HELP = {
     "model": "forward + backward of the model on synthetic images: images/s, tokens/s, peak memory, "
@@ -82,16 +83,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _gather(obj) -> list:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _free_device_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -124,7 +115,7 @@ def run_model_profile(cfg: Config, args, device: str) -> list[dict]:
         _free_device_memory(device)
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    return _gather(result)
+    return all_gather_objects(result)
 
 
 def run_step_profile(cfg: Config, args, device: str, dist_env) -> dict:
@@ -138,7 +129,7 @@ def run_step_profile(cfg: Config, args, device: str, dist_env) -> dict:
                                    warmup=args.warmup if args.warmup is not None else (2 if device == "cuda" else 1))
     result = profile_step(cfg, device, dist_env, settings)
     # the ranks step in lockstep (gradient collectives), but each waits for its own loader
-    result["data_wait_share_per_rank"] = _gather(result["data_wait_share"])
+    result["data_wait_share_per_rank"] = all_gather_objects(result["data_wait_share"])
     peak, _ = resolve_peak_tflops(device, args.peak_tflops)
     result["achieved_tflops"] = result["training_flops_per_image"] * result["images_per_s"] / 1e12
     result["mfu"] = result["achieved_tflops"] / (peak * dist_env.world_size) if peak else None

@@ -132,6 +132,17 @@ def all_reduce_sum(values: list[float], device: str = "cpu") -> list[float]:
     return tensor.tolist()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def destroy() -> None:
     import torch.distributed as dist
 
