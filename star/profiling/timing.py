@@ -81,7 +81,9 @@ class PeakMemory:
     activations: everything the caching allocator handed out), or on CPU the rise of the
     process's resident set above its size at ``reset()``. Linux lets a process reset its RSS
     high-water mark (write 5 to /proc/self/clear_refs); where it cannot, the rise of the
-    lifetime high-water mark is reported, which is lower if an earlier phase peaked higher."""
+    lifetime high-water mark is reported, which is lower if an earlier phase peaked higher.
+    On CPU the figure counts only pages that become resident: memory an earlier phase freed to
+    the allocator is reused without raising RSS, so profile in a fresh process."""
 
     def __init__(self, device: str) -> None:
         self.device = device
