@@ -64,6 +64,14 @@ star_setup() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
     export MASTER_ADDR MASTER_PORT
+    # Rank variables left by a torchrun session in the submitting shell would override SLURM's
+    # task layout in every task (star/train/distributed.py refuses a set that disagrees).
+    local stale=()
+    for var in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK; do
+        [[ -n ${!var+x} ]] && stale+=("$var=${!var}")
+        unset "$var"
+    done
+    ((${#stale[@]})) && star_log "ignoring ${stale[*]} inherited from the submitting shell"
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}   # no GPU visible: DeepSpeed on CPU + gloo
     fi

@@ -5,6 +5,13 @@ otherwise SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID with MASTER_ADDR from the 
 of SLURM_JOB_NODELIST and MASTER_PORT = 20000 + job_id % 20000 (explicit MASTER_* win);
 otherwise one process on localhost with a free port. The resolved values are written back
 into os.environ so that DeepSpeed and torch.distributed read the same ones.
+
+Stale variables. sbatch exports the submitting shell's environment, so a RANK / WORLD_SIZE
+left over from an interactive torchrun session reaches every SLURM task. Inside an srun step
+(SLURM_STEP_ID set) without a launcher of its own (torchrun and the deepspeed launcher leave
+their own marker variables), such a RANK / WORLD_SIZE must agree with SLURM_PROCID /
+SLURM_NTASKS, or the run stops with :class:`InconsistentDistEnv` instead of hanging in a
+rendezvous that half the ranks never join. The slurm/ launchers unset them before srun.
 """
 
 from __future__ import annotations
@@ -14,6 +21,19 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+
+from star.config import ConfigError
+
+
+# Variables a process launcher sets next to RANK / WORLD_SIZE: their presence means RANK came
+# from a launcher running inside the job (torchrun: LOCAL_WORLD_SIZE, GROUP_RANK, TORCHELASTIC_*;
+# deepspeed's launcher: CROSS_RANK, LOCAL_SIZE), not from the submitting shell.
+LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "GROUP_RANK", "CROSS_RANK", "LOCAL_SIZE")
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class InconsistentDistEnv(ConfigError):
+    """RANK / WORLD_SIZE that contradict SLURM's task layout (left over from another shell)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,7 @@ def _free_port() -> int:
 def resolve_dist_env(environ: dict | None = None) -> DistEnv:
     """Work out rank, world size, local rank and the rendezvous address (no side effects)."""
     env = os.environ if environ is None else environ
+    _check_not_stale(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
@@ -72,6 +93,24 @@ def resolve_dist_env(environ: dict | None = None) -> DistEnv:
         port = int(env.get("MASTER_PORT") or 20000 + job_id % 20000)
         return DistEnv(rank, world, local, addr, port, "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+
+
+def _check_not_stale(env) -> None:
+    in_srun_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env
+    if not in_srun_step or any(marker in env for marker in LAUNCHER_MARKERS):
+        return
+    given = {name: env[name] for name in RANK_VARIABLES if name in env}
+    if not given:
+        return
+    slurm = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+             "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    wrong = [f"{name}={value} (SLURM says {slurm[name]})" for name, value in given.items()
+             if str(value) != str(slurm[name])]
+    if wrong:
+        raise InconsistentDistEnv(
+            f"{', '.join(wrong)}: these variables were inherited from the shell that submitted the job "
+            f"and contradict this srun task; run `unset RANK WORLD_SIZE LOCAL_RANK` before sbatch "
+            f"(the slurm/ launchers do) or launch with torchrun")
 
 
 def export_dist_env(dist_env: DistEnv) -> None:
