@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from star.train.distributed import barrier
+from star.train.safe_load import check_checkpoint_dir, safe_load, use_safe_loading
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -110,18 +111,27 @@ class Checkpointer:
         for path in older[:-self.keep_last] + stale:
             shutil.rmtree(path, ignore_errors=True)
 
+    def check_latest(self) -> str | None:
+        """Refuse (before anything slow starts) a committed checkpoint whose files would need
+        code outside the weights-only allow-list to load (star/train/safe_load.py)."""
+        tag = self.latest_tag()
+        if tag is not None:
+            check_checkpoint_dir(self.dir / tag)
+        return tag
+
     def load(self, engine, rng_extra: dict | None = None) -> dict | None:
         """Restore the newest complete checkpoint into ``engine``; return its client state."""
-        tag = self.latest_tag()
+        tag = self.check_latest()
         if tag is None:
             return None
+        use_safe_loading(engine)  # DeepSpeed's own loader unpickles with weights_only=False
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng_rank{self.rank:05d}.pt"
         if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=False), rng_extra)
+            restore_rng(safe_load(rng_file), rng_extra)
         else:
             raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by a run with a "
                                     f"different number of ranks; resume with the same world size")

@@ -74,8 +74,10 @@ def _weights(ckpt: Path, ema: bool) -> dict:
     if ckpt.is_dir():
         return consolidate_run(ckpt, ema=ema)
     if ema:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if not isinstance(state.get("ema"), dict):
+        from star.train.safe_load import safe_load
+
+        state = safe_load(ckpt)
+        if not isinstance(state, dict) or not isinstance(state.get("ema"), dict):
             raise ValueError(f"{ckpt} has no 'ema' entry; drop --ema or give a run dir / best.pth")
         return state["ema"]
     return read_weights(ckpt)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.num_threads = args.num_threads
         device = resolve_device(cfg.device)
         amp = autocast_dtype(json.loads(resolve_ds_config_path(cfg.ds_config, device).read_text()))
-    except ConfigError as exc:
+        state = _weights(ckpt, args.ema)  # before any process group: a bad file fails at once
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"star eval: error: {exc}", file=sys.stderr)
         return 2
     dist_env = resolve_dist_env()
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.num_classes is None:
             cfg.model.num_classes = loader.num_classes
         model = build_model(cfg)
-        missing, unexpected = model.load_state_dict(_weights(ckpt, args.ema), strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             print(f"star eval: error: {ckpt} does not fit {cfg.model.name}: missing {missing[:5]}, "
                   f"unexpected {unexpected[:5]}", file=sys.stderr)

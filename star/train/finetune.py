@@ -104,15 +104,29 @@ def fill_num_classes(cfg: Config) -> None:
         cfg.model.num_classes = _num_classes(cfg)
 
 
+def read_init(cfg: Config, run_dir: Path) -> dict | None:
+    """The ``init`` weights, read before DeepSpeed starts so that a bad file fails in seconds;
+    None when training from scratch or when resuming (the run restores its own weights)."""
+    from star.train.weights import read_weights
+
+    if not cfg.init or (run_dir / "checkpoints" / "latest").is_file():
+        return None
+    try:
+        return read_weights(cfg.init)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"init={cfg.init}: cannot read pretrained weights: {exc}") from None
+
+
 def run_finetune(cfg: Config, run_dir: Path, **kwargs) -> int:
     fill_num_classes(cfg)
+    init_state = read_init(cfg, run_dir)
 
     def load_init(model) -> None:
-        if not cfg.init or (run_dir / "checkpoints" / "latest").is_file():
-            return  # a resumed run restores its own weights
-        from star.train.weights import read_weights
-
-        report = model.load_pretrained(read_weights(cfg.init), verbose=False)
+        if init_state is None:
+            return
+        report = model.load_pretrained(init_state, verbose=False)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"init from {cfg.init}:\n{report}", flush=True)
 

@@ -123,6 +123,9 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
     from star.train.stopping import StopFlag
 
     check_data(cfg, [cfg.data.train_split] + ([cfg.data.val_split] if cfg.kind == "finetune" else []))
+    from star.train.checkpoint import Checkpointer
+
+    Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
     device = resolve_device(cfg.device)
     ds_path = resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job

@@ -2,18 +2,19 @@
 
 A run's checkpoint keeps the fp32 weights partitioned over ranks (ZeRO's optimizer shards);
 ``consolidate_run`` rebuilds one full float32 state dict with the model's own parameter names
-(which are ARM's), plus the buffers, in the module's order. Weight files are read with
-``weights_only=True`` (safe for files from elsewhere, e.g. ARM's ``checkpoint-1599.pth``).
+(which are ARM's), plus the buffers, in the module's order. Every file is read with the
+weights-only unpickler and an allow-list (star/train/safe_load.py): a run directory on a shared
+file system, or ARM's ``checkpoint-1599.pth`` from elsewhere, can never run code here.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from star.train.checkpoint import Checkpointer
+from star.train.safe_load import check_checkpoint_dir, safe_load
 
 
 def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
@@ -30,7 +31,8 @@ def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
 def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a run's newest (or ``tag``) checkpoint; ``ema=True`` gives the EMA."""
     ckpt_dir, tag = checkpoint_tag(Path(run_dir), tag)
-    states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    check_checkpoint_dir(ckpt_dir / tag)  # before zero_to_fp32, which unpickles with weights_only=False
+    states = safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt")
     if ema:
         if states.get("ema") is None:
             raise ValueError(f"{ckpt_dir / tag} holds no EMA weights (the run had ema.enabled=false)")
@@ -53,10 +55,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return consolidate_run(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: neither a run directory nor a weights file")
-    # MAE-style checkpoints (ARM's checkpoint-1599.pth) also pickle the argparse.Namespace of the
-    # run; allow exactly that class, nothing else, in the weights-only unpickler.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    # MAE-style checkpoints (ARM's checkpoint-1599.pth) also pickle the run's argparse.Namespace,
+    # which the allow-list admits; nothing else beyond tensors and containers.
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     for key in ("model", "module", "state_dict"):  # ARM / MAE / DeepSpeed style wrappers
         if isinstance(state.get(key), dict):
             state = state[key]
