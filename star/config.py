@@ -170,6 +170,54 @@ CHOICES: dict[str, tuple] = {
 }
 
 
+# Valid ranges of numeric fields, as intervals; checked after resolution (null = unset is always
+# allowed for optional fields). Every int / float field outside `model.` must appear here
+# (tests/test_config.py checks it); the model's own fields are checked by its config class.
+RANGES: dict[str, str] = {
+    "seed": "[0, inf)",
+    "max_nonfinite_in_row": "[1, inf)",
+    "eval_every_epochs": "[1, inf)",
+    "data.num_threads": "[1, 256]",
+    "batch.global_images": "[1, inf)",
+    "batch.micro_images": "[1, inf)",
+    "optim.base_lr": "(0, 1]",
+    "optim.min_lr": "[0, 1]",
+    "optim.weight_decay": "[0, 1]",
+    "optim.eps": "(0, 1)",
+    "optim.grad_clip": "[0, inf)",
+    "optim.layer_decay": "(0, 1]",
+    "schedule.epochs": "[1, inf)",
+    "schedule.warmup_epochs": "[0, inf)",
+    "schedule.max_steps": "[1, inf)",
+    "mixup.mixup_alpha": "[0, inf)",
+    "mixup.cutmix_alpha": "[0, inf)",
+    "mixup.prob": "[0, 1]",
+    "mixup.switch_prob": "[0, 1]",
+    "mixup.label_smoothing": "[0, 1)",
+    "ema.decay": "[0, 1)",
+    "checkpoint.every_steps": "[1, inf)",
+    "checkpoint.keep_last": "[1, inf)",
+    "log.every_steps": "[1, inf)",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    lo_br, lo, hi, hi_br = interval[0], *interval[1:-1].split(","), interval[-1]
+    lo, hi = float(lo), float(hi)
+    above = value >= lo if lo_br == "[" else value > lo
+    below = value <= hi if hi_br == "]" else value < hi
+    return above and below
+
+
+def _check_ranges(data: dict) -> None:
+    for key, interval in RANGES.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node[part]
+        if node is not None and not _in_range(node, interval):
+            raise ConfigError(f"config key `{key}` = {node!r} is outside its valid range {interval}")
+
+
 # ----------------------------------------------------------------------------- key walking
 
 
@@ -291,6 +339,21 @@ def _from_dict(cls, data: dict):
 # ----------------------------------------------------------------------------- presets
 
 
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file's content; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file (a YAML mapping of "
+                          f"config keys, as in star/configs/*.yaml)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -313,7 +376,7 @@ def _load_preset_chain(name_or_path: str, seen: tuple = ()) -> list[tuple[Path, 
     path = _preset_path(name_or_path)
     if path in seen:
         raise ConfigError(f"preset cycle: {' -> '.join(str(p) for p in seen + (path,))}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -379,6 +442,7 @@ def validate(cfg: Config) -> Config:
         if node not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"config key `{key}` = {node!r} is not one of: {shown}")
+    _check_ranges(data)
     positive = {"batch.global_images": cfg.batch.global_images, "batch.micro_images": cfg.batch.micro_images,
                 "model.images_per_seq": cfg.model.images_per_seq, "schedule.epochs": cfg.schedule.epochs,
                 "checkpoint.every_steps": cfg.checkpoint.every_steps, "checkpoint.keep_last": cfg.checkpoint.keep_last,

@@ -156,3 +156,106 @@ def test_valid_keys_cover_sections():
     assert "optim.base_lr" in keys and "model.images_per_seq" in keys and "checkpoint.every_steps" in keys
     assert len(keys) == len(set(keys))
     assert isinstance(Config().model.images_per_seq, int)
+
+
+# ----------------------------------------------------------------------------- numeric ranges
+
+
+def _numeric_keys() -> list[str]:
+    import dataclasses as dc
+    import typing as tp
+
+    from star.config import Config
+
+    out = []
+
+    def walk(cls, prefix):
+        hints = tp.get_type_hints(cls)
+        for f in dc.fields(cls):
+            t = hints[f.name]
+            if dc.is_dataclass(t):
+                walk(t, prefix + f.name + ".")
+            elif {int, float} & ({t} | set(tp.get_args(t))):
+                out.append(prefix + f.name)
+
+    walk(Config, "")
+    return out
+
+
+def test_every_numeric_setting_has_a_range():
+    from star.config import RANGES
+
+    missing = [k for k in _numeric_keys() if not k.startswith("model.") and k not in RANGES]
+    assert not missing, f"numeric config keys without a valid range in star.config.RANGES: {missing}"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.base_lr=-1e-4", "optim.base_lr"),
+    ("data.num_threads=-1", "data.num_threads"),
+    ("schedule.max_steps=-5", "schedule.max_steps"),
+    ("schedule.max_steps=0", "schedule.max_steps"),
+    ("mixup.prob=1.5", "mixup.prob"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("seed=-3", "seed"),
+])
+def test_out_of_range_values_are_one_clear_error(override, key):
+    from star.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"`{key}` = .* outside its valid range"):
+        load_config("smoke", [override])
+
+
+def test_out_of_range_on_the_command_line_exits_2_before_start(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "star", "pretrain", "--config", "smoke",
+                           "--run-dir", str(tmp_path / "r"), "optim.base_lr=-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "optim.base_lr" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_preset_is_within_range():
+    from star.config import list_presets, load_config
+
+    for name in list_presets():
+        load_config(name)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from star.config import ConfigError, load_config
+
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("base: smoke\noptim:\n  base_lr: [1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert f"{bad}:4:1: YAML syntax error" in str(err.value)
+    assert "unicode string" not in str(err.value)
+
+
+def test_a_run_without_a_committed_checkpoint_does_not_bind_its_recipe(tmp_path):
+    from star.train.runtime import resolve_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first, _ = resolve_run_config("smoke", ["optim.base_lr=1e-3"], str(run), kind="pretrain")
+    first.save(run / "config.yaml")  # what a start-up that failed before its first checkpoint leaves
+    fixed, _ = resolve_run_config("smoke", ["optim.base_lr=2e-3"], str(run), kind="pretrain")
+    assert fixed.optim.base_lr == 2e-3
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_000000001\n")
+    with pytest.raises(ConfigError, match="different config"):
+        resolve_run_config("smoke", ["optim.base_lr=3e-3"], str(run), kind="pretrain")
+
+
+def test_on_corrupt_may_change_on_resume(tmp_path):
+    from star.train.runtime import resolve_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000000001\n")
+    cfg, _ = resolve_run_config("smoke", [], str(run), kind="pretrain")
+    cfg.save(run / "config.yaml")
+    resumed, _ = resolve_run_config("smoke", ["data.on_corrupt=skip"], str(run), kind="pretrain")
+    assert resumed.data.on_corrupt == "skip"

@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 
 
 @torch.no_grad()
@@ -85,7 +84,7 @@ def _weights(ckpt: Path, ema: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from star.config import ConfigError, load_config
+    from star.config import ConfigError, load_config, read_yaml_file
     from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
     from star.train.engine import autocast_dtype, resolve_ds_config_path
     from star.train.runtime import build_data_loader, build_model
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             cfg = load_config(args.config, args.overrides)
         elif run_config.is_file():
-            cfg = load_config(base=yaml.safe_load(run_config.read_text()), overrides=args.overrides)
+            cfg = load_config(base=read_yaml_file(run_config), overrides=args.overrides)
         else:
             raise ConfigError(f"{ckpt} is not a run dir with config.yaml: pass --config naming the model "
                               f"(e.g. --config finetune_b)")

@@ -11,12 +11,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
-from star.config import Config, ConfigError, diff_configs, load_config
+from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
-RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "log.", "checkpoint.",
+RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
                      "schedule.max_steps", "max_nonfinite_in_row", "device", "ds_config", "eval_every_epochs")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
@@ -26,14 +25,17 @@ RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
 def resolve_run_config(config_arg: str | None, overrides: list[str], run_dir_arg: str | None,
                        kind: str, complete: Callable[[Config], None] | None = None) -> tuple[Config, Path]:
     """The config of a run: from --config and overrides, checked against RUN_DIR/config.yaml
-    when the run dir already exists (a resume), or reloaded from it when --config is omitted.
+    when the run dir holds a committed checkpoint (a resume), or reloaded from it when --config
+    is omitted. Only a committed checkpoint binds a run to its recipe: a run that failed before
+    its first checkpoint (a typo, a missing shard) may be started again with corrected settings.
     ``complete(cfg)`` fills values derived from elsewhere (the class count from the shards)
     before the comparison."""
     run_dir = Path(run_dir_arg) if run_dir_arg else None
     saved_path = run_dir / "config.yaml" if run_dir else None
     saved = None
     if saved_path is not None and saved_path.is_file():
-        saved = load_config(base=yaml.safe_load(saved_path.read_text()))
+        saved = load_config(base=read_yaml_file(saved_path))
+    committed = run_dir is not None and (run_dir / "checkpoints" / "latest").is_file()
     if config_arg is None and saved is None:
         raise ConfigError("give --config NAME|PATH (a preset such as star_b_1600ep or a YAML file), or "
                           "--run-dir of an existing run to resume it")
@@ -46,7 +48,7 @@ def resolve_run_config(config_arg: str | None, overrides: list[str], run_dir_arg
                           f"(or a {kind} preset)")
     if complete is not None:
         complete(cfg)
-    if saved is not None:
+    if saved is not None and committed:
         diff = diff_configs(saved, cfg)
         changed = {k: v for k, v in diff.items() if not k.startswith(RESUMABLE_CHANGES + RESUMABLE_WITH_WARNING)}
         warned = {k: v for k, v in diff.items() if k.startswith(RESUMABLE_WITH_WARNING)}
