@@ -8,10 +8,15 @@ Exit codes of the training commands (the SLURM launchers rely on them):
 - 76 (EXIT_NONFINITE): stopped after ``max_nonfinite_in_row`` consecutive non-finite steps;
   a checkpoint of the last good weights was saved. Resuming will likely diverge again:
   lower the learning rate or inspect the data first.
-- 2: bad command line or config.
+- 74 (EXIT_IO, sysexits' EX_IOERR): a checkpoint could not be written (no space left on the
+  device, a quota, a failing file system); the message names the device, the path and the space
+  a checkpoint needs. Fix the cause and start the same command again: it removes the partial
+  checkpoint and resumes from the last committed one.
+- 2: bad command line, config or input file.
 """
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_STOPPED = 75
 EXIT_NONFINITE = 76
+EXIT_IO = 74

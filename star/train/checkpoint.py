@@ -25,10 +25,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from star.train.distributed import barrier
+from star.train.distributed import all_reduce_sum, barrier
 from star.train.safe_load import check_checkpoint_dir, safe_load, use_safe_loading
 
 TAG_RE = re.compile(r"^step_(\d+)$")
+# Bytes per parameter of one checkpoint with ZeRO-1/2 and AdamW, all ranks together: the fp32
+# module (4) plus the fp32 master copy and two moments, partitioned over ranks (12).
+CHECKPOINT_BYTES_PER_PARAM = 16
+SPACE_MARGIN = 1.10  # headroom over the estimate (pickle framing, RNG files, client state)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message says where and why (exit code 74)."""
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def device_of(path: Path) -> str:
+    """The device (file system source) that holds ``path``, from /proc/mounts when readable."""
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            source, mount_point = line.split()[:2]
+            if mount_point == str(path):
+                return f"{source} ({mount_point})"
+    except OSError:
+        pass
+    return str(path)
 
 
 def tag_for(step: int) -> str:
@@ -75,11 +110,43 @@ class Checkpointer:
                                     f"step_* directory or start a new run directory.")
         return tag
 
+    def bytes_needed(self, engine, client_state: dict) -> int:
+        """The size of the next checkpoint: the last committed one's, else an estimate."""
+        tag = self.latest_tag() if self.pointer.is_file() else None
+        if tag is not None:
+            return _dir_bytes(self.dir / tag)
+        params = sum(p.numel() for p in engine.module.parameters())
+        ema = client_state.get("ema")
+        ema_values = sum(v.numel() for v in ema.values() if torch.is_tensor(v)) if isinstance(ema, dict) else 0
+        return params * CHECKPOINT_BYTES_PER_PARAM + ema_values * 4
+
+    def _no_space(self, tag: str, needed: int) -> CheckpointWriteError:
+        free = shutil.disk_usage(self.dir).free
+        return CheckpointWriteError(
+            f"no space left on {device_of(self.dir)} for checkpoint {self.dir / tag}: a checkpoint of this "
+            f"run needs about {_human(needed)} ({self.keep_last} kept, plus the one being written) and "
+            f"{_human(free)} are free; free space or lower checkpoint.keep_last, then run the same "
+            f"command again: it resumes from the last committed checkpoint")
+
     def save(self, engine, step: int, client_state: dict, rng_extra: dict | None = None) -> str:
         tag = tag_for(step)
         self.dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(capture_rng(rng_extra), self.dir / tag / f"rng_rank{self.rank:05d}.pt")
+        # Every rank agrees before anyone writes: a rank failing half-way through DeepSpeed's save
+        # would leave the others waiting in its barrier.
+        needed = int(self.bytes_needed(engine, client_state) * SPACE_MARGIN)
+        short = float(self.rank == 0 and shutil.disk_usage(self.dir).free < needed)
+        if all_reduce_sum([short])[0] > 0:
+            raise self._no_space(tag, needed)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            torch.save(capture_rng(rng_extra), self.dir / tag / f"rng_rank{self.rank:05d}.pt")
+        except (OSError, RuntimeError) as exc:
+            # torch reports a full disk as "basic_ios::clear: iostream error" or "PytorchStreamWriter
+            # failed writing file": tell the user what it is.
+            if shutil.disk_usage(self.dir).free < needed:
+                raise self._no_space(tag, needed) from None
+            raise CheckpointWriteError(f"could not write checkpoint {self.dir / tag} on {device_of(self.dir)}: "
+                                       f"{exc}") from None
         barrier()  # every rank has finished writing its shards
         if self.rank == 0:
             self._commit(tag)
@@ -99,6 +166,18 @@ class Checkpointer:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def remove_uncommitted(self, committed: str | None) -> list[Path]:
+        """Delete step folders newer than the committed one (a save interrupted by a crash or a
+        full disk): they hold no complete checkpoint and only take the space a new one needs."""
+        if not self.dir.is_dir():
+            return []
+        current = int(TAG_RE.match(committed).group(1)) if committed else -1
+        stale = [p for p in self.dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))
+                 and int(m.group(1)) > current]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
 
     def _prune(self, keep: str) -> None:
         """Keep the newest ``keep_last`` checkpoints up to ``keep``; drop older ones and any
@@ -122,6 +201,9 @@ class Checkpointer:
     def load(self, engine, rng_extra: dict | None = None) -> dict | None:
         """Restore the newest complete checkpoint into ``engine``; return its client state."""
         tag = self.check_latest()
+        if self.rank == 0:
+            self.remove_uncommitted(tag)
+        barrier()
         if tag is None:
             return None
         use_safe_loading(engine)  # DeepSpeed's own loader unpickles with weights_only=False

@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 
 from star.config import Config
-from star.train import EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
-from star.train.checkpoint import Checkpointer
+from star.train import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
+from star.train.checkpoint import Checkpointer, CheckpointWriteError
 from star.train.distributed import DistEnv, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
@@ -126,6 +126,9 @@ class Trainer:
                     f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
         try:
             return self._run(logger, stop)
+        except CheckpointWriteError as exc:
+            logger.info(f"[red]error: {exc}. Exit code {EXIT_IO}.[/red]")
+            return EXIT_IO
         finally:
             logger.close()
 
