@@ -101,12 +101,23 @@ def build_data_loader(cfg: Config, mode: str, split: str, batch_size: int, *, ra
 
 
 def check_data(cfg: Config, splits: list[str]) -> None:
-    """Fail before any process group starts when the shards are not there."""
-    for split in splits:
+    """Fail before any process group starts when the shards are not there or cannot feed one
+    optimizer step (the first split is the training split)."""
+    from pipelines.shards import ShardSet
+
+    for i, split in enumerate(splits):
         manifest = Path(cfg.data.dir) / f"{split}.json"
         if not manifest.is_file():
             raise ConfigError(f"no {manifest}: set data.dir=DIR to a shard directory written by "
                               f"`star shard --src SRC --out DIR --split {split}`")
+        try:
+            count = len(ShardSet(cfg.data.dir, split))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"data.dir={cfg.data.dir}: split {split!r} is not readable: {exc}") from None
+        if i == 0 and count < cfg.batch.global_images:
+            raise ConfigError(f"the {split} split of {cfg.data.dir} has {count} images, fewer than one optimizer "
+                              f"step of batch.global_images={cfg.batch.global_images}; lower "
+                              f"batch.global_images (and batch.micro_images) or use more data")
 
 
 def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
