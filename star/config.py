@@ -136,6 +136,7 @@ class Config:
     ds_config: str = "auto"        # auto | a name in ds_configs/ | a path to a JSON file
     max_nonfinite_in_row: int = 20  # consecutive non-finite steps before the run stops
     init: str | None = None        # fine-tuning: run dir, exported file or ARM checkpoint
+    init_allow_partial: bool = False  # fine-tuning: accept an init that leaves encoder params random
     eval_every_epochs: int = 1     # fine-tuning: validation cadence (and at the last epoch)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

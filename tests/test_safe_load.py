@@ -156,7 +156,7 @@ def test_every_command_refuses_a_planted_run_dir(tmp_path, command, synth_shards
 def synth_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("safe_shards")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for args in (["synth", "--out", str(root / "img"), "--classes", "2", "--per-class", "4",
+    for args in (["synth", "--out", str(root / "img"), "--classes", "2", "--per-class", "8",
                   "--val-per-class", "2"],
                  ["shard", "--src", str(root / "img" / "train"), "--out", str(root / "shards"), "--split", "train"],
                  ["shard", "--src", str(root / "img" / "val"), "--out", str(root / "shards"), "--split", "val"]):

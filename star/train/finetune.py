@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from star.config import Config, ConfigError
 from star.train.evaluate import evaluate
 from star.train.pretrain import build_parser
-from star.train.runtime import build_data_loader, cli_error, resolve_run_config, run_training
+from star.train.runtime import build_data_loader, build_model, cli_error, resolve_run_config, run_training
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -104,6 +105,53 @@ def fill_num_classes(cfg: Config) -> None:
         cfg.model.num_classes = _num_classes(cfg)
 
 
+# Parameters a pretraining checkpoint does not hold: the class token, the final norm (ARM's
+# pretraining encoder feeds its decoder without one) and the classification head.
+TRAINED_FROM_SCRATCH = re.compile(r"^(cls_token$|norm_f\.|head\.)")
+
+
+def check_init_covers_encoder(cfg: Config, state: dict) -> str:
+    """Load ``state`` into a throwaway model of the target shape, before DeepSpeed starts, and
+    refuse (unless ``init_allow_partial``) when any encoder parameter would keep its random
+    initialisation: a checkpoint of another depth or width, or of another model, would
+    otherwise fine-tune from partly random weights with exit code 0. Returns the load report."""
+    model = build_model(cfg)
+    try:
+        report = model.load_pretrained(dict(state), verbose=False)
+    except ValueError as exc:
+        raise ConfigError(f"init={cfg.init} does not fit model {cfg.model.name}: {exc}") from None
+    params = dict(model.named_parameters())
+    missing = [k for k in report.missing_keys if k in params and not TRAINED_FROM_SCRATCH.match(k)]
+    if missing and not cfg.init_allow_partial:
+        total = sum(1 for k in params if not TRAINED_FROM_SCRATCH.match(k))
+        raise ConfigError(f"init={cfg.init} leaves {len(missing)} of {total} encoder parameters of "
+                          f"{cfg.model.name} at random initialisation:\n{_missing_table(missing, params)}\n"
+                          f"Give a checkpoint of "
+                          f"the same width and depth, or set init_allow_partial=true to fine-tune anyway")
+    return str(report)
+
+
+def _missing_table(missing: list[str], params: dict) -> str:
+    """One row per block whose tensors are all missing, else one row per tensor."""
+    def block(name: str) -> str:
+        match = re.match(r"(layers\.\d+)\.", name)
+        return match.group(1) if match else name
+
+    rows, seen = [], set()
+    for name in missing:
+        group = block(name)
+        if group in seen:
+            continue
+        members = [k for k in params if block(k) == group]
+        lost = [k for k in members if k in missing]
+        if len(members) > 1 and len(lost) == len(members):
+            rows.append(f"  {group + '.*':<48} all {len(members)} tensors")
+            seen.add(group)
+        else:
+            rows.append(f"  {name:<48} {tuple(params[name].shape)}")
+    return "\n".join(rows)
+
+
 def read_init(cfg: Config, run_dir: Path) -> dict | None:
     """The ``init`` weights, read before DeepSpeed starts so that a bad file fails in seconds;
     None when training from scratch or when resuming (the run restores its own weights)."""
@@ -112,11 +160,13 @@ def read_init(cfg: Config, run_dir: Path) -> dict | None:
     if not cfg.init or (run_dir / "checkpoints" / "latest").is_file():
         return None
     try:
-        return read_weights(cfg.init)
+        state = read_weights(cfg.init)
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
         raise ConfigError(f"init={cfg.init}: cannot read pretrained weights: {exc}") from None
+    check_init_covers_encoder(cfg, state)
+    return state
 
 
 def run_finetune(cfg: Config, run_dir: Path, **kwargs) -> int:

@@ -16,7 +16,7 @@ from star.config import Config, ConfigError, diff_configs, load_config, read_yam
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "device", "ds_config", "eval_every_epochs")
+                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")

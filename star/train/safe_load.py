@@ -80,6 +80,9 @@ def _refuse(path: Path, what: str) -> UnsafeCheckpointError:
 def safe_load(path: str | Path, map_location="cpu"):
     """``torch.load`` with ``weights_only=True`` and the allow-list above."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UnsafeCheckpointError(f"{path}: not a PyTorch checkpoint (torch.save's zip format); refused to "
+                                    f"load. A legacy-format file can be re-saved with a recent torch by its owner")
     try:
         with torch.serialization.safe_globals(_allowed_objects()):
             return torch.load(path, map_location=map_location, weights_only=True)
