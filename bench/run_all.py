@@ -126,17 +126,17 @@ def write_readme(out: Path, machine: dict, runs: list[dict], sections: dict[str,
     lines += [f"| {r['name']} | {r.get('sizes', '-')} | {r.get('date_utc', '-')} | `{r['command']}` | {r['exit_code']} "
               f"| {r['seconds']} | {r['load_average_before']} / {r['load_average_after']} |" for r in runs]
     lines.append("")
-    for name, section in sections.items():
+    for section in sections.values():
         lines += [section, ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
     from bench.plots import render
     from star.profiling.machine import describe_machine, machine_slug
-
-    import torch
 
     out: Path = args.out
     runs_file = None

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import importlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from pipelines.loader import HostBatch, Loader
 from pipelines.sampling import MAGNITUDE_BINS, EpochPlan
 from pipelines.shards import CorruptSampleError, as_array
 from pipelines.torch_resize import resize_normalize
-
 
 
 def dali_available() -> bool:
@@ -53,7 +52,7 @@ class _Feeder:
     reads, decisions) is prepared meanwhile on a helper thread, off that critical path.
     """
 
-    def __init__(self, loader: "DaliLoader", plan: EpochPlan, start_step: int):
+    def __init__(self, loader: DaliLoader, plan: EpochPlan, start_step: int):
         self.loader = loader
         self.retarget(plan, start_step)
 

@@ -72,7 +72,7 @@ class AugmentConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     @staticmethod
-    def for_mode(mode: str, image_size: int, **overrides) -> "AugmentConfig":
+    def for_mode(mode: str, image_size: int, **overrides) -> AugmentConfig:
         if mode not in ("pretrain", "finetune", "eval"):
             raise ValueError(f"mode {mode!r}: expected 'pretrain', 'finetune' or 'eval'")
         if image_size <= 0:

@@ -129,7 +129,8 @@ def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
 
 def run_star(*args) -> None:
     done = subprocess.run([sys.executable, "-m", "star", *map(str, args)], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, f"star {args[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    assert done.returncode == 0, (
+        f"star {args[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 @pytest.fixture(scope="module")
