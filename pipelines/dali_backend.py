@@ -106,7 +106,7 @@ class DaliLoader(Loader):
             raise ValueError(f"cpu_resize {cpu_resize!r}: use 'torch' (fast on CPU) or 'dali'")
         self.prefetch = prefetch
         self.decode_device = "mixed" if self.device.type == "cuda" else "cpu"
-        # On CPU DALI's resize costs several times the crop decode (SPEC section 8); torch's
+        # On CPU DALI's resize costs several times the crop decode (docs/design.md, "Data path"); torch's
         # vectorised uint8 antialiased resize is much faster. RandAugment needs the resized
         # image inside the graph, so fine-tuning keeps DALI's resize.
         self.torch_resize = (self.decode_device == "cpu" and cpu_resize == "torch"

@@ -53,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Per-mode augmentation settings; defaults are the paper's (SPEC section 6)."""
+    """Per-mode augmentation settings; defaults are the paper's (STAR paper, section 4.1; docs/design.md)."""
 
     mode: str  # "pretrain" | "finetune" | "eval"
     image_size: int
