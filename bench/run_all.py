@@ -13,8 +13,8 @@ call with ``--only`` replaces those benchmarks' files and keeps the others'):
     NAME.md    a markdown table of those figures, NAME.png a plot (bench/plots.py)
     README.md  the machine description, the commands, the load average, and every table
 
-``--small`` uses sizes that finish in a few minutes on a 2-core machine; the results README
-says which sizes were used and how loaded the machine was (``os.getloadavg``), since timings
+``--small`` uses smaller sizes; the results README says which sizes were used, how long each
+run took and how loaded the machine was (``os.getloadavg``), since timings
 taken while other processes hold the cores are not comparable with a quiet machine's.
 """
 
