@@ -16,7 +16,7 @@ measured, never extrapolated.
 
 The chunked scan runs a few hundred small multi-threaded ops per call. When other processes
 hold the cores (the load average is printed), OpenMP's default spin-waiting makes every one of
-them slow (measured 3.8 s instead of 0.44 s at load ~7 on 2 cores); run with
+them slow (see bench/results/README.md on loaded machines); run with
 ``OMP_WAIT_POLICY=PASSIVE`` (must be set before torch starts) or ``--threads 1`` there, and
 compare runs only at similar load and policy. This script therefore defaults the policy to
 PASSIVE; set OMP_WAIT_POLICY yourself (e.g. ACTIVE) to measure another one.

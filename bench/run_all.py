@@ -13,8 +13,8 @@ call with ``--only`` replaces those benchmarks' files and keeps the others'):
     NAME.md    a markdown table of those figures, NAME.png a plot (bench/plots.py)
     README.md  the machine description, the commands, the load average, and every table
 
-``--small`` uses sizes that finish in a few minutes on a 2-core machine; the results README
-says which sizes were used and how loaded the machine was (``os.getloadavg``), since timings
+``--small`` uses smaller sizes; the results README says which sizes were used, how long each
+run took and how loaded the machine was (``os.getloadavg``), since timings
 taken while other processes hold the cores are not comparable with a quiet machine's.
 """
 
@@ -126,17 +126,17 @@ def write_readme(out: Path, machine: dict, runs: list[dict], sections: dict[str,
     lines += [f"| {r['name']} | {r.get('sizes', '-')} | {r.get('date_utc', '-')} | `{r['command']}` | {r['exit_code']} "
               f"| {r['seconds']} | {r['load_average_before']} / {r['load_average_after']} |" for r in runs]
     lines.append("")
-    for name, section in sections.items():
+    for section in sections.values():
         lines += [section, ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
     from bench.plots import render
     from star.profiling.machine import describe_machine, machine_slug
-
-    import torch
 
     out: Path = args.out
     runs_file = None

@@ -427,7 +427,8 @@ def shard_split(args: argparse.Namespace) -> dict:
     ordered = sorted(verdicts.values(), key=lambda v: v.rel)
     n_rejected = sum(v.status == "rejected" for v in ordered)
     if sum(class_counts) + n_rejected != len(files):  # nothing may be lost silently
-        raise ShardError(f"internal error: {len(files)} files in, but {sum(class_counts)} written + {n_rejected} rejected")
+        raise ShardError(f"internal error: {len(files)} files in, "
+                         f"but {sum(class_counts)} written + {n_rejected} rejected")
     manifest = {
         "split": args.split,
         "num_samples": sum(len(s.samples) for s in shards),

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # archives are padded to whole records of 10240 bytes, as GNU tar and tarfile do

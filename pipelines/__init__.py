@@ -35,7 +35,8 @@ def build_loader(mode: str, data_dir, *, split: str, batch_size: int, image_size
                  cpu_resize: str = "torch") -> Loader:
     """A loader for ``mode`` ("pretrain" | "finetune" | "eval") over ``data_dir/{split}.json``.
 
-    Augmentation knobs left as None take the paper's defaults for the mode (SPEC section 6).
+    Augmentation knobs left as None take the paper's defaults for the mode (STAR paper, section
+    4.1, and ARM's fine-tuning recipe; see docs/design.md, "Paper facts the code depends on").
     There is no shuffle buffer to size: every epoch is a full global permutation of the
     manifest (see ``pipelines.sampling``). ``cpu_resize`` ("torch" | "dali"): who resizes
     in the DALI backend on the CPU (see ``pipelines.dali_backend``); on GPU DALI always does.

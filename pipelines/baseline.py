@@ -7,7 +7,7 @@ decision are exactly those of the DALI backend (``pipelines.sampling``).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class _Steps(Sampler):
 class _StepDataset(Dataset):
     """Item (epoch, step) = that step rendered; lives in the worker processes."""
 
-    def __init__(self, loader: "BaselineLoader"):
+    def __init__(self, loader: BaselineLoader):
         self.shards, self.cfg, self.on_corrupt = loader.shards, loader.augment, loader.on_corrupt
         self.plan_args = dict(num_samples=loader.num_samples, batch_size=loader.batch_size,
                               rank=loader.rank, world_size=loader.world_size, seed=loader.seed,

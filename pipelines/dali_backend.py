@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import importlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from pipelines.loader import HostBatch, Loader
 from pipelines.sampling import MAGNITUDE_BINS, EpochPlan
 from pipelines.shards import CorruptSampleError, as_array
 from pipelines.torch_resize import resize_normalize
-
 
 
 def dali_available() -> bool:
@@ -53,7 +52,7 @@ class _Feeder:
     reads, decisions) is prepared meanwhile on a helper thread, off that critical path.
     """
 
-    def __init__(self, loader: "DaliLoader", plan: EpochPlan, start_step: int):
+    def __init__(self, loader: DaliLoader, plan: EpochPlan, start_step: int):
         self.loader = loader
         self.retarget(plan, start_step)
 
@@ -107,7 +106,7 @@ class DaliLoader(Loader):
             raise ValueError(f"cpu_resize {cpu_resize!r}: use 'torch' (fast on CPU) or 'dali'")
         self.prefetch = prefetch
         self.decode_device = "mixed" if self.device.type == "cuda" else "cpu"
-        # On CPU DALI's resize costs several times the crop decode (SPEC section 8); torch's
+        # On CPU DALI's resize costs several times the crop decode (docs/design.md, "Data path"); torch's
         # vectorised uint8 antialiased resize is much faster. RandAugment needs the resized
         # image inside the graph, so fine-tuning keeps DALI's resize.
         self.torch_resize = (self.decode_device == "cpu" and cpu_resize == "torch"

@@ -53,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Per-mode augmentation settings; defaults are the paper's (SPEC section 6)."""
+    """Per-mode augmentation settings; defaults are the paper's (STAR paper, section 4.1; docs/design.md)."""
 
     mode: str  # "pretrain" | "finetune" | "eval"
     image_size: int
@@ -72,7 +72,7 @@ class AugmentConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     @staticmethod
-    def for_mode(mode: str, image_size: int, **overrides) -> "AugmentConfig":
+    def for_mode(mode: str, image_size: int, **overrides) -> AugmentConfig:
         if mode not in ("pretrain", "finetune", "eval"):
             raise ValueError(f"mode {mode!r}: expected 'pretrain', 'finetune' or 'eval'")
         if image_size <= 0:

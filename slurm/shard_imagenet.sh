@@ -5,9 +5,9 @@
 #   mkdir -p logs && SRC=/datasets/imagenet OUT=/shared/imagenet-shards sbatch slurm/shard_imagenet.sh
 #
 # Why one node with many CPU workers: the work is per file (read, check the JPEG, copy it into a
-# tar, hash) and needs no GPU; 32 cores inspect and write ImageNet's 1.28M files (about 140 GB)
-# in well under an hour when the filesystem keeps up, and usually the filesystem, not the CPUs,
-# is the limit, so more nodes would mostly add contention. The output does not depend on
+# tar, hash) and needs no GPU; with 32 cores on ImageNet's 1.28M files (about 140 GB) the
+# filesystem, not the CPUs, is usually the limit, so more nodes would mostly add contention
+# (bench/bench_shard.py measures the rate against plain `tar` on your disk). The output does not depend on
 # WORKERS, so any core count gives the same shards.
 # Interrupt-safe: `star shard` writes each shard under a temporary name and records it when
 # complete, so a rerun or a requeue of this job keeps every complete shard it can verify and

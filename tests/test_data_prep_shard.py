@@ -94,7 +94,7 @@ def test_every_file_accounted_for_with_every_quirk(dataset, sharded):
 
     wnids = sorted(p.name for p in (dataset / "train").iterdir())
     assert json.loads((sharded / "classes.json").read_text())["wnids"] == wnids
-    for rel, (key, members, meta) in seen.items():
+    for rel, (_key, members, meta) in seen.items():
         source = (dataset / "train" / rel).read_bytes()
         assert int(members["cls"]) == wnids.index(meta["wnid"])
         with Image.open(io.BytesIO(source)) as original:

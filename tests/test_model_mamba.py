@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from star.models.mamba import Mamba, ScanGrid, SCAN_DIRECTIONS, direction_param_name
+from star.models.mamba import SCAN_DIRECTIONS, Mamba, ScanGrid, direction_param_name
 from star.ops.reference import causal_conv1d_reference, selective_scan_reference
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star.models import (StarClassifier, StarPretrainModel, create_model, fp32_parameter_names,
-                         list_models, model_config)
+from star.models import StarClassifier, StarPretrainModel, create_model, fp32_parameter_names, list_models, model_config
 from star.models.decoder import ClusterDecoder, feature_levels
 
 

@@ -1,5 +1,5 @@
 """The loaders on shards written by the real `star synth` + `star shard` (the contract in
-shard_format.md), including the repaired ImageNet quirks (PNG named .JPEG, CMYK, grayscale)."""
+docs/design.md, "Data path"), including the repaired ImageNet quirks (PNG named .JPEG, CMYK, grayscale)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines import CorruptSampleError, build_loader
 from pipelines.sampling import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_OPS
-from tests._pipeline_fixtures import sample_jpeg, synthetic_jpeg, write_split
+from tests.support.pipeline_fixtures import sample_jpeg, synthetic_jpeg, write_split
 
 BACKENDS = ["dali", "baseline"]
 # the DALI graph as on GPU (DALI resizes) and the CPU fast path (torch resizes)

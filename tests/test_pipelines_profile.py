@@ -7,7 +7,7 @@ import json
 import pytest
 
 from star import profile
-from tests._pipeline_fixtures import write_split
+from tests.support.pipeline_fixtures import write_split
 
 
 def test_profile_data_times_the_loader_and_writes_json(tmp_path, capsys):

@@ -123,7 +123,8 @@ def in_process(monkeypatch):
 def test_profile_model_json(tmp_path, in_process, capsys):
     out = tmp_path / "model.json"
     code = in_process(["model", "--config", "smoke", *TINY, "--device", "cpu", "--batches", "2", "--warmup", "1",
-                       "--batch-size", "4", "--peak-tflops", "1.5", "--json", str(out), "--trace", str(tmp_path / "tr")])
+                       "--batch-size", "4", "--peak-tflops", "1.5", "--json", str(out),
+                       "--trace", str(tmp_path / "tr")])
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
     assert "MFU" in printed.out and "model" in printed.out

@@ -22,7 +22,8 @@ LOADER = {"mode": "pretrain", "images": 256, "batch_size": 64, "image_size": 192
           "interpolation": "cubic", "images_per_s": {"decode-only": 2400.0, "dali": 1300.0, "baseline": 650.0},
           "dali_vs_baseline": 2.0, "dali_vs_decode_only": 1300 / 2400}
 SHARD = {"files": 1000, "bytes": 39_000_000, "workers": 2, "cpus": 2,
-         "results": [{"method": "tar cf", "seconds": 0.5, "images_per_s": 2000.0, "mb_per_s": 78.0, "ratio_vs_tar": 1.0},
+         "results": [{"method": "tar cf", "seconds": 0.5, "images_per_s": 2000.0, "mb_per_s": 78.0,
+                      "ratio_vs_tar": 1.0},
                      {"method": "star shard --check markers", "seconds": 2.0, "images_per_s": 500.0,
                       "mb_per_s": 19.5, "ratio_vs_tar": 0.25}]}
 

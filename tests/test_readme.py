@@ -6,7 +6,8 @@
   `--config NAME` names a preset or an existing file; `key.sub=value` overrides are accepted
   by star.config (resolved against that preset, nothing runs). A command with a trailing
   comment `# ci: run` is run for real instead (in order, in one scratch directory).
-- `sbatch slurm/X.sh` and `bash scripts/X.sh`: the script exists and `bash -n` parses it.
+- `sbatch slurm/X.sh`, `bash scripts/X.sh` and `bash .ci/run`: the script exists and `bash -n` parses it.
+- `ruff check PATHS`: the paths exist.
 - `python path/to/script.py`: the file exists and compiles; `python -m pytest PATHS`: the
   test paths exist.
 - Commands of other tools (pip, git, nvidia-smi, ...) are listed in EXTERNAL; anything else
@@ -227,7 +228,8 @@ def check_command(command: ReadmeCommand) -> list[str]:
                              or tokens[0].endswith("/star")):
         return check_star(star)
     if name == "sbatch" or name == "bash" or name == "sh":
-        scripts = [a for a in args if a.endswith(".sh")]
+        # the script is the first argument that is not an option (`.ci/run` has no .sh suffix)
+        scripts = [a for a in args if a.endswith(".sh")] or [a for a in args if not a.startswith("-")][:1]
         if not scripts:
             return [f"{name} without a .sh script: {command.text}"]
         return _shell_script(scripts[0])
@@ -249,6 +251,11 @@ def check_command(command: ReadmeCommand) -> list[str]:
         return [f"unchecked python command: {command.text} (teach tests/test_readme.py about it)"]
     if name == "pytest":
         paths = [a.split("::")[0] for a in args if not a.startswith("-") and "/" in a]
+        return [f"{p} does not exist" for p in paths if not (REPO / p).exists()]
+    if name == "ruff":
+        paths = [a for a in args[1:] if not a.startswith("-")]
+        if args[:1] != ["check"]:
+            return [f"unchecked ruff command: {command.text} (teach tests/test_readme.py about it)"]
         return [f"{p} does not exist" for p in paths if not (REPO / p).exists()]
     if name in EXTERNAL:
         return []
@@ -284,7 +291,8 @@ def test_readme_commands_marked_ci_run_succeed(tmp_path):
         star = star_args(tokens)
         argv = [sys.executable, "-m", "star", *star] if star is not None else tokens
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, (
+            f"{command} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
 # ----------------------------------------------------------------------------- the checker itself

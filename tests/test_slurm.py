@@ -4,7 +4,7 @@ Each test submits the real `slurm/pretrain_1600ep.sh` with its production header
 only `--nodes=1 --ntasks-per-node=2` (and where logs go), preempts it the way SLURM announces
 a time limit (`scancel --signal=USR1 --batch`), and checks that the job checkpoints, requeues
 itself under the same id (SLURM_RESTART_COUNT=1), resumes, and trains every step exactly once.
-The fake trainer (tests/fake_star.py) covers the launcher's decisions in seconds; the last test
+The fake trainer (tests/support/fake_star.py) covers the launcher's decisions in seconds; the last test
 does the same with the real `star pretrain` on the smoke preset and compares the exported
 weights with those of an uninterrupted run.
 """
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_star import weight_update
-from tests.slurm_harness import SlurmCluster, install_slurm
+from tests.support.fake_star import weight_update
+from tests.support.slurm_harness import SlurmCluster, install_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "slurm" / "pretrain_1600ep.sh"
 ONE_NODE_TWO_TASKS = ("--nodes=1", "--ntasks-per-node=2")
-FAKE_STAR = f"{sys.executable} {REPO / 'tests' / 'fake_star.py'}"
+FAKE_STAR = f"{sys.executable} {REPO / 'tests' / 'support' / 'fake_star.py'}"
 REAL_STAR = f"{sys.executable} -m star"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
@@ -129,7 +129,8 @@ def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
 
 def run_star(*args) -> None:
     done = subprocess.run([sys.executable, "-m", "star", *map(str, args)], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, f"star {args[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    assert done.returncode == 0, (
+        f"star {args[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 `slurm/pretrain_1600ep.sh` runs as a plain bash script with SLURM's environment variables set
 and stand-ins for `srun` (starts SLURM_NTASKS copies of the command, forwards USR1 to them) and
 `scontrol` (prints host names, records requeue requests) first on PATH; the trainer is
-tests/fake_star.py. The expected behaviour is the exit-code contract of slurm/_common.sh:
+tests/support/fake_star.py. The expected behaviour is the exit-code contract of slurm/_common.sh:
 0 ends the job, 75 requeues it (below the cap, not after SIGTERM), anything else fails it.
 tests/test_slurm.py proves the same on a real SLURM.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_star import weight_update
+from tests.support.fake_star import weight_update
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
@@ -72,7 +72,7 @@ def launch(shim: Path, overrides: str, restart: int = 0, script: Path = PRETRAIN
         SLURM_JOB_ID=str(JOB_ID), SLURM_JOB_NAME="star-test", SLURM_JOB_NODELIST="node-[a-b]",
         SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="3",
         SLURM_RESTART_COUNT=str(restart), SLURM_SUBMIT_DIR=str(REPO),
-        STAR_CMD=f"{sys.executable} {REPO / 'tests' / 'fake_star.py'}",
+        STAR_CMD=f"{sys.executable} {REPO / 'tests' / 'support' / 'fake_star.py'}",
         RUN_DIR=str(shim / "run"), EXTRA=overrides,
     )
     environ.update(env)

@@ -10,8 +10,16 @@ import signal
 import pytest
 import torch
 
-from tests.test_train_support import (CLASSES, TINY_FINETUNE, VAL_PER_CLASS, interrupt, metrics, read_log,
-                                      run_star, shard_dir)
+from tests.test_train_support import (
+    CLASSES,
+    TINY_FINETUNE,
+    VAL_PER_CLASS,
+    interrupt,
+    metrics,
+    read_log,
+    run_star,
+    shard_dir,
+)
 
 ARM_KW = dict(embed_dim=32, depth=2, img_size=64)
 

@@ -9,8 +9,17 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_support import (REPO, TINY_PRETRAIN, assert_bit_identical, metrics, read_log,
-                                      run_star, shard_dir, star_env, weights)
+from tests.test_train_support import (
+    REPO,
+    TINY_PRETRAIN,
+    assert_bit_identical,
+    metrics,
+    read_log,
+    run_star,
+    shard_dir,
+    star_env,
+    weights,
+)
 
 
 @pytest.mark.slow
@@ -53,8 +62,8 @@ def test_two_rank_zero2_pretraining_loss_goes_down(tmp_path):
     model.load_state_dict(exported)
     assert_bit_identical(exported, weights(run_dir))
     # the consolidated weights are the fp32 master weights of the ZeRO shards, not the init
-    assert not torch.equal(exported["layers.0.mixer.in_proj.weight"],
-                           build_model(load_config("smoke", TINY_PRETRAIN)).state_dict()["layers.0.mixer.in_proj.weight"])
+    initial = build_model(load_config("smoke", TINY_PRETRAIN)).state_dict()
+    assert not torch.equal(exported["layers.0.mixer.in_proj.weight"], initial["layers.0.mixer.in_proj.weight"])
 
 
 NAN_SCRIPT = """

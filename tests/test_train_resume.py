@@ -10,8 +10,17 @@ import signal
 import pytest
 
 from star.train import EXIT_STOPPED
-from tests.test_train_support import (TINY_PRETRAIN, assert_bit_identical, interrupt, metrics, read_log,
-                                      run_star, shard_dir, steps_logged, weights)
+from tests.test_train_support import (
+    TINY_PRETRAIN,
+    assert_bit_identical,
+    interrupt,
+    metrics,
+    read_log,
+    run_star,
+    shard_dir,
+    steps_logged,
+    weights,
+)
 
 STEPS = 12  # 96 images / 16 per step = 6 steps per epoch, 2 epochs
 

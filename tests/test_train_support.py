@@ -30,7 +30,7 @@ TINY_FINETUNE = ["model.embed_dim=32", "model.depth=2", "model.img_size=64", "lo
 TRAIN_PER_CLASS, VAL_PER_CLASS, CLASSES = 24, 5, 4  # 96 train images, 20 val (not a multiple of 8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shard_dir() -> Path:
     """Shards of a 4-class `star synth` tree, built once per test process."""
     root = Path(tempfile.mkdtemp(prefix="star_train_tests_"))

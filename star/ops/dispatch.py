@@ -15,7 +15,7 @@ compiled extension fails (``No module named 'selective_scan_cuda'``), which simp
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Small shard sets in the data_prep format (shard_format.md), written directly for tests.
+"""Small shard sets in the data_prep format (docs/design.md, "Data path"), written directly for tests.
 
 Independent of data_prep on purpose: tars via ``tarfile``, indexes via DALI's own ``wds2idx``,
 JPEGs via PIL, so the loaders are checked against the format, not against our writer.
