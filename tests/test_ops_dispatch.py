@@ -341,10 +341,11 @@ def install_fakes(monkeypatch, root, ssi=None, conv=None,
     for attr, value in (("_KERNELS", None), ("_REASONS", {}), ("_VERSIONS", {})):
         monkeypatch.setattr(dispatch, attr, value)
     table = dispatch._kernels()
-    # leave no fake module behind for later tests (monkeypatch restores the real entries)
+    # Leave no fake module behind (plain pop: monkeypatch.delitem would put them back at
+    # teardown); monkeypatch restores the real entries hidden above.
     for name in list(sys.modules):
-        if name.split(".")[0] in FAKE_ROOTS:
-            monkeypatch.delitem(sys.modules, name, raising=False)
+        if name.split(".")[0] in FAKE_ROOTS and sys.modules[name] is not None:
+            sys.modules.pop(name)
     return table, dispatch.kernel_status()
 
 
