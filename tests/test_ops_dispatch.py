@@ -299,16 +299,21 @@ SSI_OLD = """
     def mamba_inner_fn(*args, **kwargs): return "fused inner"
 """
 # causal-conv1d >= 1.5.1 (cpp_functions.py, with torch.library.custom_op) and < 1.5.1.
-CONV_NEW = {"__init__.py": "__version__ = '1.5.1'\nfrom causal_conv1d.causal_conv1d_interface import causal_conv1d_fn\n",
-            "causal_conv1d_interface.py": "from causal_conv1d.cpp_functions import causal_conv1d_fwd_function\n"
-                                          "def causal_conv1d_fn(*args, **kwargs): return 'fused conv'\n",
-            "cpp_functions.py": "import causal_conv1d_cuda\ndef causal_conv1d_fwd_function(*args): pass\n"}
-CONV_OLD = {"__init__.py": "__version__ = '1.4.0'\nfrom causal_conv1d.causal_conv1d_interface import causal_conv1d_fn\n",
-            "causal_conv1d_interface.py": "import causal_conv1d_cuda\n"
-                                          "def causal_conv1d_fn(*args, **kwargs): return 'fused conv'\n"}
+_CONV_INIT = "__version__ = {!r}\nfrom causal_conv1d.causal_conv1d_interface import causal_conv1d_fn\n"
+_CONV_FN = "def causal_conv1d_fn(*args, **kwargs): return 'fused conv'\n"
+CONV_NEW = {
+    "__init__.py": _CONV_INIT.format("1.5.1"),
+    "causal_conv1d_interface.py": "from causal_conv1d.cpp_functions import causal_conv1d_fwd_function\n"
+                                  + _CONV_FN,
+    "cpp_functions.py": "import causal_conv1d_cuda\ndef causal_conv1d_fwd_function(*args): pass\n",
+}
+CONV_OLD = {
+    "__init__.py": _CONV_INIT.format("1.4.0"),
+    "causal_conv1d_interface.py": "import causal_conv1d_cuda\n" + _CONV_FN,
+}
 # causal-conv1d >= 1.5.1 on torch < 2.4: torch.library has no custom_op.
-CONV_NO_CUSTOM_OP = dict(CONV_NEW, **{"cpp_functions.py": "raise AttributeError(\"module 'torch.library' has no attribute 'custom_op'\")\n"})
-EXTENSIONS = {"selective_scan_cuda.py": "", "causal_conv1d_cuda.py": ""}
+NO_CUSTOM_OP = "module 'torch.library' has no attribute 'custom_op'"
+CONV_NO_CUSTOM_OP = dict(CONV_NEW, **{"cpp_functions.py": f"raise AttributeError({NO_CUSTOM_OP!r})\n"})
 
 
 FAKE_ROOTS = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
@@ -359,7 +364,8 @@ def test_probe_matched_pair_registers_all(monkeypatch, tmp_path):
     assert table["mamba_inner"]() == "fused inner" and table["causal_conv1d"]() == "fused conv"
     assert status["versions"] == {"mamba_ssm": "2.2.5", "causal_conv1d": "1.5.1"}
     assert all(k["reason"] is None for k in status["kernels"].values())
-    assert "fused kernels available: selective_scan, causal_conv1d, mamba_inner" in dispatch.describe_kernels()
+    line = dispatch.describe_kernels()
+    assert "fused kernels available: selective_scan, causal_conv1d, mamba_inner" in line
 
 
 def test_probe_new_mamba_with_old_causal_conv1d_refuses_mamba_inner(monkeypatch, tmp_path):
@@ -391,7 +397,7 @@ def test_probe_import_raising_attribute_error_falls_back_with_the_text(monkeypat
     assert available(status) == set()
     for name in dispatch.KERNEL_NAMES:
         reason = status["kernels"][name]["reason"]
-        assert "not importable (AttributeError: module 'torch.library' has no attribute 'custom_op')" in reason
+        assert f"not importable (AttributeError: {NO_CUSTOM_OP})" in reason
     line = dispatch.describe_kernels()
     assert "fused kernels available: none" in line and "AttributeError" in line
 
