@@ -3,7 +3,8 @@
 Semantics are exactly those of mamba-ssm's ``selective_scan_fn`` (equations in
 ``reference.py``). The recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` is
 evaluated exactly (no reassociation), in float32 for float32/bf16/fp16 inputs (float64 stays
-float64), with this schedule:
+float64) and with autocast switched off inside (it would run the contractions in bf16),
+with this schedule:
 
 * Time is cut into chunks of ``chunk`` steps. Per chunk, the decays ``exp(delta A)`` and the
   inputs ``delta B u`` are materialised time-major, ``(T, batch, dim, N)``, in buffers reused
