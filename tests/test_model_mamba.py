@@ -143,3 +143,29 @@ def test_four_scans_need_the_grid():
     m = Mamba(8, num_scans=4)
     with pytest.raises(ValueError, match="token grid"):
         m(torch.randn(1, 10, 8))
+
+
+@pytest.mark.parametrize("cls_index", [None, 4, 9], ids=["no-cls", "middle-cls", "tail-cls"])
+def test_four_scan_out_proj_per_direction_equals_out_proj_of_the_mean(monkeypatch, cls_index):
+    """The two ways of mapping the 4-scan mixer onto fused kernels (Mamba's
+    FOUR_SCAN_OUT_PROJ_PER_DIRECTION) agree in output and every gradient, bias included
+    (out_proj gets one here: averaging four projections must add it once)."""
+    torch.manual_seed(2)
+    m = Mamba(12, d_state=4, num_scans=4).double()
+    m.out_proj.bias = torch.nn.Parameter(torch.randn(12, dtype=torch.float64))
+    grid = ScanGrid(3, cls_index)
+    x = torch.randn(2, grid.seq_len, 12, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(2, grid.seq_len, 12, dtype=torch.float64)
+    leaves = [x, *m.parameters()]
+    results = {}
+    for per_direction in (False, True):
+        monkeypatch.setattr(Mamba, "FOUR_SCAN_OUT_PROJ_PER_DIRECTION", per_direction)
+        out = m(x, grid)
+        results[per_direction] = (out, torch.autograd.grad((out * cot).sum(), leaves))
+    (out_mean, g_mean), (out_each, g_each) = results[False], results[True]
+    torch.testing.assert_close(out_each, out_mean, rtol=1e-12, atol=1e-12)
+    for a, e in zip(g_each, g_mean):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-12)
+    # and the bias is there exactly once: zero input -> out_proj(0) + bias == bias
+    zero = m(torch.zeros(1, grid.seq_len, 12, dtype=torch.float64), grid)
+    torch.testing.assert_close(zero, m.out_proj.bias.detach().expand_as(zero), rtol=0, atol=1e-12)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -247,6 +250,179 @@ def test_real_import_is_lazy_cached_and_never_raises(monkeypatch):
     assert set(first) == set(dispatch.KERNEL_NAMES)
     assert all(fn is None or callable(fn) for fn in first.values())
     assert dispatch._kernels() is first  # imported once
-    if first["selective_scan"] is None:  # this machine: the reason is reported for the logs
-        assert "mamba_ssm not importable" in dispatch.describe_kernels(torch.zeros(1))
+    status = dispatch.kernel_status()
+    for name, fn in first.items():
+        assert status["kernels"][name]["available"] == (fn is not None)
+        if fn is None:  # this machine: the reason is reported for the logs
+            reason = status["kernels"][name]["reason"]
+            assert reason and reason in dispatch.describe_kernels(torch.zeros(1))
     assert dispatch.kernel_backend_for(torch.zeros(1)) == "torch"  # CPU tensor
+
+
+def test_kernel_table_seam_routes_cpu_tensors_and_restores(switch):
+    rec, state, _ = switch
+    state["cuda"] = False
+    before = dispatch._KERNELS
+    p, dt_rank, d_state = inner_params()
+    with dispatch._kernel_table({"mamba_inner": rec.fake("mamba_inner")}):
+        assert dispatch.kernel_backend_for(p["xz"]) == "cuda"
+        assert dispatch.kernel_backend_for(p["xz"], "selective_scan") == "torch"  # not in the table
+        call_all(p, dt_rank, d_state)
+    assert [c[0] for c in rec.calls] == ["mamba_inner"]
+    assert dispatch._KERNELS is before and dispatch.kernel_backend_for(p["xz"]) == "torch"
+
+
+# --- import probing, against fake mamba-ssm / causal-conv1d installs -------------------------
+# Each fake mirrors the import structure of a real release, so the probe meets the same
+# situations as on a cluster with a mismatched pair.
+
+# mamba-ssm >= 2.2.5 (selective_scan_interface.py): causal-conv1d's new Python binding.
+SSI_NEW = """
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+    except ImportError:
+        causal_conv1d_fn = None
+        causal_conv1d_fwd_function = None
+    import selective_scan_cuda
+    def selective_scan_fn(*args, **kwargs): return "fused scan"
+    def mamba_inner_fn(*args, **kwargs): return "fused inner"
+"""
+# mamba-ssm <= 2.2.4: calls causal_conv1d_cuda.causal_conv1d_fwd directly (the old signature).
+SSI_OLD = """
+    try:
+        import causal_conv1d_cuda
+    except ImportError:
+        causal_conv1d_cuda = None
+    import selective_scan_cuda
+    def selective_scan_fn(*args, **kwargs): return "fused scan"
+    def mamba_inner_fn(*args, **kwargs): return "fused inner"
+"""
+# causal-conv1d >= 1.5.1 (cpp_functions.py, with torch.library.custom_op) and < 1.5.1.
+_CONV_INIT = "__version__ = {!r}\nfrom causal_conv1d.causal_conv1d_interface import causal_conv1d_fn\n"
+_CONV_FN = "def causal_conv1d_fn(*args, **kwargs): return 'fused conv'\n"
+CONV_NEW = {
+    "__init__.py": _CONV_INIT.format("1.5.1"),
+    "causal_conv1d_interface.py": "from causal_conv1d.cpp_functions import causal_conv1d_fwd_function\n"
+                                  + _CONV_FN,
+    "cpp_functions.py": "import causal_conv1d_cuda\ndef causal_conv1d_fwd_function(*args): pass\n",
+}
+CONV_OLD = {
+    "__init__.py": _CONV_INIT.format("1.4.0"),
+    "causal_conv1d_interface.py": "import causal_conv1d_cuda\n" + _CONV_FN,
+}
+# causal-conv1d >= 1.5.1 on torch < 2.4: torch.library has no custom_op.
+NO_CUSTOM_OP = "module 'torch.library' has no attribute 'custom_op'"
+CONV_NO_CUSTOM_OP = dict(CONV_NEW, **{"cpp_functions.py": f"raise AttributeError({NO_CUSTOM_OP!r})\n"})
+
+
+FAKE_ROOTS = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
+
+
+def install_fakes(monkeypatch, root, ssi=None, conv=None,
+                  extensions=("selective_scan_cuda.py", "causal_conv1d_cuda.py"),
+                  mamba_init="__version__ = '2.2.5'\n"):
+    """Write fake packages under ``root``, hide any real ones, run the probe from scratch
+    and return (kernel table, kernel_status())."""
+    files = {name: "" for name in extensions}
+    if ssi is not None:
+        files.update({"mamba_ssm/__init__.py": mamba_init,
+                      "mamba_ssm/ops/__init__.py": "",
+                      "mamba_ssm/ops/selective_scan_interface.py": textwrap.dedent(ssi)})
+    for name, text in (conv or {}).items():
+        files[f"causal_conv1d/{name}"] = text
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for name in list(sys.modules):
+        if name.split(".")[0] in FAKE_ROOTS:
+            monkeypatch.delitem(sys.modules, name)
+    if ssi is None:
+        monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # "not installed"
+    if conv is None:
+        monkeypatch.setitem(sys.modules, "causal_conv1d", None)
+    monkeypatch.syspath_prepend(str(root))
+    for attr, value in (("_KERNELS", None), ("_REASONS", {}), ("_VERSIONS", {})):
+        monkeypatch.setattr(dispatch, attr, value)
+    table = dispatch._kernels()
+    # Leave no fake module behind (plain pop: monkeypatch.delitem would put them back at
+    # teardown); monkeypatch restores the real entries hidden above.
+    for name in list(sys.modules):
+        if name.split(".")[0] in FAKE_ROOTS and sys.modules[name] is not None:
+            sys.modules.pop(name)
+    return table, dispatch.kernel_status()
+
+
+def available(status):
+    return {name for name, k in status["kernels"].items() if k["available"]}
+
+
+def test_probe_matched_pair_registers_all(monkeypatch, tmp_path):
+    table, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_NEW, conv=CONV_NEW)
+    assert available(status) == set(dispatch.KERNEL_NAMES)
+    assert table["mamba_inner"]() == "fused inner" and table["causal_conv1d"]() == "fused conv"
+    assert status["versions"] == {"mamba_ssm": "2.2.5", "causal_conv1d": "1.5.1"}
+    assert all(k["reason"] is None for k in status["kernels"].values())
+    line = dispatch.describe_kernels()
+    assert "fused kernels available: selective_scan, causal_conv1d, mamba_inner" in line
+
+
+def test_probe_new_mamba_with_old_causal_conv1d_refuses_mamba_inner(monkeypatch, tmp_path):
+    # `from causal_conv1d import causal_conv1d_fn` works, but mamba-ssm's own conv function is None
+    table, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_NEW, conv=CONV_OLD)
+    assert available(status) == {"selective_scan", "causal_conv1d"}
+    reason = status["kernels"]["mamba_inner"]["reason"]
+    assert "causal_conv1d_fwd_function is None" in reason and "causal-conv1d>=1.5.1" in reason
+    assert status["versions"]["causal_conv1d"] == "1.4.0"
+    with dispatch._kernel_table(table):  # the 1-scan layer then composes the fused conv and scan
+        p, dt_rank, d_state = inner_params()
+        assert dispatch.kernel_backend_for(p["xz"], "mamba_inner") == "torch"
+        assert dispatch.kernel_backend_for(p["xz"], "selective_scan") == "cuda"
+
+
+def test_probe_old_mamba_with_new_causal_conv1d_refuses_mamba_inner(monkeypatch, tmp_path):
+    # mamba-ssm <= 2.2.4 would call the pre-1.5.1 entry point: TypeError on the first forward
+    _, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_OLD, conv=CONV_NEW,
+                              mamba_init="__version__ = '2.2.4'\n")
+    assert available(status) == {"selective_scan", "causal_conv1d"}
+    reason = status["kernels"]["mamba_inner"]["reason"]
+    assert "mamba_ssm 2.2.4 predates 2.2.5" in reason and "mamba-ssm>=2.2.5" in reason
+
+
+def test_probe_import_raising_attribute_error_falls_back_with_the_text(monkeypatch, tmp_path):
+    # causal-conv1d >= 1.5.1 on torch < 2.4: AttributeError, which mamba-ssm's own
+    # `except ImportError` does not catch either, so its import fails too
+    _, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_NEW, conv=CONV_NO_CUSTOM_OP)
+    assert available(status) == set()
+    for name in dispatch.KERNEL_NAMES:
+        reason = status["kernels"][name]["reason"]
+        assert f"not importable (AttributeError: {NO_CUSTOM_OP})" in reason
+    line = dispatch.describe_kernels()
+    assert "fused kernels available: none" in line and "AttributeError" in line
+
+
+def test_probe_missing_selective_scan_cuda(monkeypatch, tmp_path):
+    _, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_NEW, conv=CONV_NEW,
+                              extensions=("causal_conv1d_cuda.py",))
+    assert available(status) == {"causal_conv1d"}
+    for name in ("selective_scan", "mamba_inner"):
+        assert "No module named 'selective_scan_cuda'" in status["kernels"][name]["reason"]
+
+
+def test_probe_selective_scan_cuda_none(monkeypatch, tmp_path):
+    # an interface module that swallowed the extension's ImportError into None
+    ssi = SSI_NEW.replace("import selective_scan_cuda", "selective_scan_cuda = None")
+    _, status = install_fakes(monkeypatch, tmp_path, ssi=ssi, conv=CONV_NEW)
+    assert available(status) == {"causal_conv1d"}
+    assert "selective_scan_cuda" in status["kernels"]["mamba_inner"]["reason"]
+
+
+def test_probe_any_exception_at_package_import(monkeypatch, tmp_path):
+    # recent mamba-ssm imports Triton/TileLang modules in its __init__; any failure is caught
+    _, status = install_fakes(monkeypatch, tmp_path, ssi=SSI_NEW, conv=None,
+                              mamba_init="raise RuntimeError('triton: no GPU driver')\n")
+    assert available(status) == set()
+    assert "RuntimeError: triton: no GPU driver" in status["kernels"]["mamba_inner"]["reason"]
+    assert "causal_conv1d not importable" in status["kernels"]["causal_conv1d"]["reason"]
+    assert status["versions"] == {"mamba_ssm": None, "causal_conv1d": None}

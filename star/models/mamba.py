@@ -8,9 +8,9 @@ weight uniform +-dt_rank**-0.5), ``A_log`` (S4D-real: log(1..d_state) per channe
 ``A_log``, ``D`` and ``dt_proj.bias`` of every direction carry ``_keep_fp32 = True``
 (see :func:`fp32_parameter_names`).
 
-Four scans (fine-tuning, SPEC section 5). The directions share in_proj and out_proj; each has
-its own conv1d, x_proj, dt_proj, A_log and D, named with the suffixes of the official ARM /
-Vim release so its fine-tuned checkpoints load unchanged:
+Four scans (fine-tuning, as in ARM, arXiv 2406.07537). The directions share in_proj and
+out_proj; each has its own conv1d, x_proj, dt_proj, A_log and D, named with the suffixes of
+the official ARM / Vim release so its fine-tuned checkpoints load unchanged:
 
     direction        order of the scan                            parameter suffix
     row_forward      row-major, first token to last                (none): conv1d, A_log, D
@@ -179,6 +179,8 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"a 4-scan Mamba needs the token grid of its {length}-token input, got {grid}")
         order, inverse = self._column_order(grid, x.device)
+        if self.FOUR_SCAN_OUT_PROJ_PER_DIRECTION:
+            return self._four_scans_each_projected(xz, order, inverse)
         xz_col = xz.index_select(-1, order)
         out = self._scan(xz, "", False)
         out = out + self._scan(xz.flip(-1), "_b", False).flip(-1)
@@ -186,3 +188,33 @@ class Mamba(nn.Module):
         out_col = out_col + self._scan(xz_col.flip(-1), "_c_b", False).flip(-1)
         out = out + out_col.index_select(-1, inverse)
         return F.linear((out / 4).transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+
+    # How the 4-scan mixer maps onto the fused kernels. out_proj is linear, so
+    # out_proj(mean_k y_k) == mean_k out_proj(y_k) (the mean of four equal biases is the bias):
+    # the mixer is either (False, the default) four fused conv + scan calls
+    # (causal_conv1d_fn, selective_scan_fn) summed in sequence order and projected once, or
+    # (True) four whole mamba_inner_fn calls, each with out_proj, averaged. Per mixer, with
+    # T tokens, d = d_model = d_inner (expand 1) and 2*T*d^2 FLOPs as one unit, STAR-B
+    # fine-tuning (d 768, L 197):
+    # * time: True runs out_proj four times: 12 GEMM units forward + backward instead of 3,
+    #   +9 units on a block of 35 (in_proj 6, out_proj 3, x/dt_proj of 4 scans 2, SwiGLU 24),
+    #   i.e. +26 % GEMM FLOPs per block (about 5 ms per step at batch 128 per GPU on an H100).
+    # * memory: mamba_inner_fn saves xz, x_dbl and the pre-gate scan output per direction
+    #   and recomputes conv and delta in backward; the separate kernels also save each
+    #   direction's conv output and delta, and out_proj its input. True keeps about 8.6
+    #   fewer T x d tensors per mixer: about 0.33 GB per layer in bf16 at batch 128 per GPU,
+    #   4 GB for 12 layers.
+    # Fine-tuning at 224 px fits comfortably in 80 GB, so time decides: False. Both are kept,
+    # numerically equal (tests/test_model_mamba.py), in case a larger resolution makes
+    # memory the limit.
+    FOUR_SCAN_OUT_PROJ_PER_DIRECTION = False
+
+    def _four_scans_each_projected(self, xz: torch.Tensor, order: torch.Tensor,
+                                   inverse: torch.Tensor) -> torch.Tensor:
+        """The 4-scan mixer as four whole inner paths, each with out_proj, averaged."""
+        xz_col = xz.index_select(-1, order)
+        out = self._scan(xz, "", True)  # (B, L, d_model), sequence along dim 1
+        out = out + self._scan(xz.flip(-1), "_b", True).flip(1)
+        out_col = self._scan(xz_col, "_c", True)
+        out_col = out_col + self._scan(xz_col.flip(-1), "_c_b", True).flip(1)
+        return (out + out_col.index_select(1, inverse)) / 4

@@ -1,21 +1,34 @@
 """The one switch between mamba-ssm's fused CUDA kernels and the pure-PyTorch ops.
 
-Rule: a fused kernel runs iff (1) the setting allows it, (2) its module imports and (3) the
-tensors are on CUDA. Otherwise the torch implementation in this package runs (any device).
+Rule: a fused kernel runs iff (1) the setting allows it, (2) it passed the import probe and
+(3) the tensors are on CUDA. Otherwise the torch implementation in this package runs (any device).
 
 The setting is ``set_kernel_backend("auto" | "torch")`` if it was called, else the
 environment variable ``STAR_KERNELS`` (default ``auto``). ``kernel_backend_for(tensor)``
-says which path a call would take, for logs and profilers; ``describe_kernels()`` says why.
+says which path a call would take, for logs and profilers; ``describe_kernels()`` (one line)
+and ``kernel_status()`` (a dict) say why.
 
-The official modules are imported lazily, once, on first need: importing mamba-ssm without its
-compiled extension fails (``No module named 'selective_scan_cuda'``), which simply means
-"torch path".
+The official modules are imported lazily, once, on first need, and *probed*: a kernel is
+registered only if what mamba-ssm itself will call is there, because a successful
+``import causal_conv1d`` proves nothing about mamba-ssm's own binding to it:
+
+* causal-conv1d 1.5.1 changed its C++ entry point (it takes an ``out`` tensor) and mamba-ssm
+  2.2.5 switched to it. mamba-ssm >= 2.2.5 with an older (or missing) causal-conv1d leaves
+  ``selective_scan_interface.causal_conv1d_fwd_function`` None and ``mamba_inner_fn``
+  asserts; mamba-ssm <= 2.2.4 has no such name and calls the old entry point, a TypeError
+  with causal-conv1d >= 1.5.1. Both are probed here (pin: the ``cuda`` extra in pyproject).
+* ``selective_scan_interface.selective_scan_cuda`` (the compiled scan) must not be None.
+* Any exception during the import counts as "not available", with its text recorded:
+  recent mamba-ssm imports Triton/TileLang-based modules at package import, and
+  causal-conv1d >= 1.5.1 uses ``torch.library.custom_op`` (an AttributeError before torch 2.4).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +39,17 @@ from .selective_scan import selective_scan_torch
 ENV_VAR = "STAR_KERNELS"
 BACKENDS = ("auto", "torch")
 KERNEL_NAMES = ("selective_scan", "causal_conv1d", "mamba_inner")
+# What the fused path is known to work with (the ``cuda`` extra in pyproject.toml).
+MIN_VERSIONS = {"mamba_ssm": "2.2.5", "causal_conv1d": "1.5.1"}
+_FIX = "install mamba-ssm>=2.2.5 with causal-conv1d>=1.5.1 (pip install -e '.[cuda]')"
 
 _backend_override: str | None = None
 # name -> fused function or None; None until first needed. Tests replace it with fakes.
 _KERNELS: dict[str, Callable | None] | None = None
-_IMPORT_ERRORS: dict[str, str] = {}
+# Why each unavailable kernel is unavailable (kernel name -> text); filled with _KERNELS.
+_REASONS: dict[str, str] = {}
+# Module name -> version string, or None if it did not import; filled with _KERNELS.
+_VERSIONS: dict[str, str | None] = {}
 
 
 def _validate_backend(name: str, source: str) -> str:
@@ -54,23 +73,66 @@ def get_kernel_backend() -> str:
                              f"environment variable {ENV_VAR}")
 
 
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _module_version(name: str) -> str | None:
+    module = sys.modules.get(name)
+    return getattr(module, "__version__", "unknown") if module is not None else None
+
+
+_MISSING = object()
+
+
+def _probe_mamba_ssm(table: dict, reasons: dict) -> None:
+    """Register selective_scan / mamba_inner if mamba-ssm's interface module has what its
+    own functions call."""
+    try:
+        import mamba_ssm.ops.selective_scan_interface as ssi  # optional heavy package
+    except Exception as err:  # noqa: BLE001 - any failure means "torch path", with the reason
+        text = f"mamba_ssm not importable ({_error_text(err)})"
+        reasons["selective_scan"] = reasons["mamba_inner"] = text
+        return
+    version = _VERSIONS["mamba_ssm"] = _module_version("mamba_ssm")
+    if getattr(ssi, "selective_scan_cuda", None) is None:
+        text = f"mamba_ssm {version}: its compiled scan (selective_scan_cuda) is missing"
+        reasons["selective_scan"] = reasons["mamba_inner"] = text
+        return
+    table["selective_scan"] = ssi.selective_scan_fn
+    conv_fwd = getattr(ssi, "causal_conv1d_fwd_function", _MISSING)
+    if conv_fwd is _MISSING:
+        reasons["mamba_inner"] = (
+            f"mamba_ssm {version} predates 2.2.5: its mamba_inner_fn calls causal-conv1d's "
+            f"pre-1.5.1 C++ entry point (TypeError with causal-conv1d>=1.5.1); {_FIX}")
+    elif conv_fwd is None:
+        reasons["mamba_inner"] = (
+            f"mamba_ssm {version} found no usable causal-conv1d (its causal_conv1d_fwd_function "
+            f"is None: causal-conv1d missing, broken or older than 1.5.1); {_FIX}")
+    else:
+        table["mamba_inner"] = ssi.mamba_inner_fn
+
+
+def _probe_causal_conv1d(table: dict, reasons: dict) -> None:
+    try:
+        from causal_conv1d import causal_conv1d_fn  # optional heavy package
+    except Exception as err:  # noqa: BLE001
+        reasons["causal_conv1d"] = f"causal_conv1d not importable ({_error_text(err)})"
+        return
+    _VERSIONS["causal_conv1d"] = _module_version("causal_conv1d")
+    if causal_conv1d_fn is None:
+        reasons["causal_conv1d"] = "causal_conv1d imported but its causal_conv1d_fn is None"
+        return
+    table["causal_conv1d"] = causal_conv1d_fn
+
+
 def _import_kernels() -> dict[str, Callable | None]:
     table: dict[str, Callable | None] = dict.fromkeys(KERNEL_NAMES)
-    try:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
-    except (ImportError, OSError, RuntimeError) as err:  # missing or broken CUDA extension
-        _IMPORT_ERRORS["mamba_ssm"] = f"{type(err).__name__}: {err}"
-    else:
-        table["selective_scan"] = selective_scan_fn
-        table["mamba_inner"] = mamba_inner_fn
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except (ImportError, OSError, RuntimeError) as err:
-        _IMPORT_ERRORS["causal_conv1d"] = f"{type(err).__name__}: {err}"
-    else:
-        table["causal_conv1d"] = causal_conv1d_fn
-    if table["causal_conv1d"] is None:
-        table["mamba_inner"] = None  # mamba_inner_fn calls causal-conv1d's extension
+    _REASONS.clear()
+    _VERSIONS.clear()
+    _VERSIONS.update(dict.fromkeys(MIN_VERSIONS))
+    _probe_mamba_ssm(table, _REASONS)
+    _probe_causal_conv1d(table, _REASONS)
     return table
 
 
@@ -85,6 +147,20 @@ def _is_cuda(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda
 
 
+@contextlib.contextmanager
+def _kernel_table(table: dict[str, Callable | None]) -> Iterator[None]:
+    """Test seam: route calls through ``table`` (name -> function or None) whatever the
+    tensors' device, e.g. mamba-ssm's pure-PyTorch references on CPU. Not for production."""
+    global _KERNELS, _is_cuda
+    saved = _KERNELS, _is_cuda
+    _KERNELS = {name: table.get(name) for name in KERNEL_NAMES}
+    _is_cuda = lambda tensor: True  # noqa: E731
+    try:
+        yield
+    finally:
+        _KERNELS, _is_cuda = saved
+
+
 def kernel_backend_for(tensor: torch.Tensor, op: str = "mamba_inner") -> str:
     """Which path a call of ``op`` on this tensor takes: "cuda" (fused kernel) or "torch"."""
     if op not in KERNEL_NAMES:
@@ -94,13 +170,35 @@ def kernel_backend_for(tensor: torch.Tensor, op: str = "mamba_inner") -> str:
     return "cuda" if _kernels()[op] is not None else "torch"
 
 
+def kernel_status() -> dict:
+    """For logs and self-checks: the setting, and per kernel whether its fused version is
+    available and, if not, why (import error text or failed probe); plus module versions.
+
+    {"setting": "auto", "versions": {"mamba_ssm": "2.3.2" | None, ...},
+     "kernels": {"mamba_inner": {"available": False, "reason": "..."}, ...}}
+    """
+    table = _kernels()
+    return {
+        "setting": get_kernel_backend(),
+        "versions": dict(_VERSIONS),
+        "kernels": {name: {"available": table[name] is not None,
+                           "reason": None if table[name] is not None
+                           else _REASONS.get(name, "not registered")}
+                    for name in KERNEL_NAMES},
+    }
+
+
 def describe_kernels(tensor: torch.Tensor | None = None) -> str:
     """One line for logs: the setting, which fused kernels imported, and why others did not."""
-    table = _kernels()
-    present = [name for name, fn in table.items() if fn is not None]
-    parts = [f"{ENV_VAR}/setting={get_kernel_backend()}",
+    status = kernel_status()
+    present = [name for name, k in status["kernels"].items() if k["available"]]
+    parts = [f"{ENV_VAR}/setting={status['setting']}",
              f"fused kernels available: {', '.join(present) if present else 'none'}"]
-    parts += [f"{module} not importable ({err})" for module, err in _IMPORT_ERRORS.items()]
+    reasons: dict[str, list[str]] = {}  # one entry per distinct reason, naming its kernels
+    for name, k in status["kernels"].items():
+        if not k["available"]:
+            reasons.setdefault(k["reason"], []).append(name)
+    parts += [f"{'/'.join(names)}: {reason}" for reason, names in reasons.items()]
     if tensor is not None:
         parts.append(f"this tensor ({tensor.device}) -> {kernel_backend_for(tensor)}")
     return "; ".join(parts)
@@ -168,16 +266,13 @@ def mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
     if delta_proj_weight.shape != (d_inner, dt_rank):
         raise ValueError(f"delta_proj_weight must be {(d_inner, dt_rank)}, "
                          f"got {tuple(delta_proj_weight.shape)}")
-    if kernel_backend_for(xz, "mamba_inner") == "cuda":
-        kernels = _kernels()
-        if out_proj_weight is not None:
-            weight3 = conv1d_weight if conv1d_weight.dim() == 3 else conv1d_weight.unsqueeze(1)
-            return kernels["mamba_inner"](xz, weight3, conv1d_bias, x_proj_weight, delta_proj_weight,
-                                          out_proj_weight, out_proj_bias, A=A, D=D,
-                                          delta_bias=delta_bias, delta_softplus=delta_softplus)
-        conv_fn, scan_fn = causal_conv1d, selective_scan  # each dispatches to its kernel
-    else:
-        conv_fn, scan_fn = causal_conv1d_torch, selective_scan_torch
+    if out_proj_weight is not None and kernel_backend_for(xz, "mamba_inner") == "cuda":
+        weight3 = conv1d_weight if conv1d_weight.dim() == 3 else conv1d_weight.unsqueeze(1)
+        return _kernels()["mamba_inner"](xz, weight3, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                         out_proj_weight, out_proj_bias, A=A, D=D,
+                                         delta_bias=delta_bias, delta_softplus=delta_softplus)
+    # Conv and scan each take their own path (fused where available, so a missing or
+    # mismatched mamba_inner_fn still leaves the fused scan), the rest is F.linear.
     return _compose_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                           out_proj_weight, out_proj_bias, A, D, delta_bias, dt_rank, d_state,
-                          delta_softplus, conv_fn, scan_fn)
+                          delta_softplus, causal_conv1d, selective_scan)

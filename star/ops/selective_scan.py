@@ -3,7 +3,8 @@
 Semantics are exactly those of mamba-ssm's ``selective_scan_fn`` (equations in
 ``reference.py``). The recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` is
 evaluated exactly (no reassociation), in float32 for float32/bf16/fp16 inputs (float64 stays
-float64), with this schedule:
+float64) and with autocast switched off inside (it would run the contractions in bf16),
+with this schedule:
 
 * Time is cut into chunks of ``chunk`` steps. Per chunk, the decays ``exp(delta A)`` and the
   inputs ``delta B u`` are materialised time-major, ``(T, batch, dim, N)``, in buffers reused
@@ -253,6 +254,14 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk):
+        # Autocast would lower the C-contraction's matmul to bf16 (h and C rounded) while
+        # backward recomputes in fp32: the internals run with autocast off, on fp32 copies.
+        with torch.autocast(u.device.type, enabled=False):
+            return SelectiveScanFn._forward(ctx, u, delta, A, B, C, D, z, delta_bias,
+                                            delta_softplus, return_last_state, chunk)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk):
         p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
         need_grad = any(ctx.needs_input_grad)
         y, last, boundary = _scan_forward(p.dt, p.dtu, p.A, p.B, p.C, chunk, keep_states=need_grad)
@@ -272,6 +281,11 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, d_out, d_last=None):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return SelectiveScanFn._backward(ctx, d_out, d_last)
+
+    @staticmethod
+    def _backward(ctx, d_out, d_last):
         u, delta, A, B, C, D, z, delta_bias, boundary, y_pre_gate = ctx.saved_tensors
         p = _Prepared(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
         d_out = p.u.new_zeros(u.shape) if d_out is None else d_out.to(p.cdt)
