@@ -313,18 +313,7 @@ def _load_preset_chain(name_or_path: str, seen: tuple = ()) -> list[tuple[Path, 
     path = _preset_path(name_or_path)
     if path in seen:
         raise ConfigError(f"preset cycle: {' -> '.join(str(p) for p in seen + (path,))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:  # name the file and line, not pyyaml's "<unicode string>"
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if context and start is not None and (mark is None or start.line != mark.line):
-            problem += f", {context} that starts at line {start.line + 1}"
-        raise ConfigError(f"{where}: YAML syntax error ({problem}); fix that line of the config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the config file {path}: {exc}") from None
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping, got {type(data).__name__}")
     base = data.pop("base", None)
