@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.manifest import read_manifest
 from star.config import Config, ConfigError, diff_configs, load_config
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
@@ -106,7 +105,6 @@ def check_data(cfg: Config, splits: list[str]) -> None:
         if not manifest.is_file():
             raise ConfigError(f"no {manifest}: set data.dir=DIR to a shard directory written by "
                               f"`star shard --src SRC --out DIR --split {split}`")
-        read_manifest(manifest)  # damaged, or naming shards outside data.dir: one line, exit 2, in seconds
 
 
 def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
