@@ -10,6 +10,11 @@ always uses that mapping, whichever of its three label sources is given:
   the wnids in that order, one per line, first token of the line);
 - a flat folder plus Kaggle's ``LOC_val_solution.csv`` (ImageId, PredictionString whose first
   token is the wnid).
+
+Symbolic links (``_walk``): a link to a folder inside SRC is never followed (that folder is read
+through its real path, so loops and duplicates cannot happen); links out of SRC are rejected
+unless ``--follow-external-links``, and then each folder is still read once (by device and
+inode). Every folder link not followed is reported in the manifest's ``skipped_links``.
 """
 
 from __future__ import annotations
@@ -83,10 +88,9 @@ def _walk(root: Path, follow_external: bool) -> _Walk:
         rel_dir, path = stack.pop()
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError as exc:
-            skipped.append({"path": rel_dir or ".", "target": os.path.realpath(path),
-                            "reason": f"cannot list the folder ({exc.strerror})"})
-            continue
+        except OSError as exc:  # its images would be missing without a trace
+            raise LabelError(f"cannot list the folder {path} ({exc.strerror or exc}); fix its permissions, or "
+                             f"move it out of --src") from None
         subdirs = []
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
@@ -116,9 +120,8 @@ def _walk(root: Path, follow_external: bool) -> _Walk:
             try:
                 st = entry.stat()
             except OSError as exc:
-                skipped.append({"path": rel, "target": target or entry.path,
-                                "reason": f"cannot stat the folder ({exc.strerror})"})
-                continue
+                raise LabelError(f"cannot read the folder {entry.path} ({exc.strerror or exc}); fix its "
+                                 f"permissions, or move it out of --src") from None
             identity = (st.st_dev, st.st_ino)
             if identity in visited:
                 loop = is_link and _inside(target, os.path.realpath(path))

@@ -3,6 +3,8 @@
 Three deterministic steps, so that the output depends only on the input files, the seed and
 --shard-bytes (never on --workers, timing or interruptions):
 
+0. list: SRC is walked once (``data_prep.labels``: symbolic-link loops and links out of SRC are
+   not followed, empty class folders refused, see ``--help``);
 1. inspect: every file is read and checked in parallel (``data_prep.images``); verdicts are
    appended to a cache (``OUT/.star-shard-work/{split}-inspect.jsonl``) so that a rerun only
    re-inspects files that are new or changed; repaired JPEGs are cached next to it;

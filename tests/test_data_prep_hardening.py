@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import manifest as manifest_mod
-from data_prep import shard, synth, verify, wds_tar
+from data_prep import labels, shard, synth, verify, wds_tar
 from data_prep.manifest import ManifestError
 from pipelines import build_loader
 from pipelines import shards as pipeline_shards
@@ -329,6 +329,36 @@ def test_damaged_manifest_names_file_line_and_what_to_do(sharded, tmp_path, caps
     (data / "train.json").write_text(json.dumps({"num_classes": 3, "num_samples": 1, "shards": [{"name": "a"}]}))
     with pytest.raises(ManifestError, match=r"shards\[0\]\.index is missing"):
         ShardSet(data, "train")
+
+
+def test_finetune_names_a_damaged_manifest_before_start_up(sharded, tmp_path, capsys):
+    """`star finetune` reads the class count from the manifest before anything starts."""
+    from star.train import finetune
+
+    data = tmp_path / "data"
+    shutil.copytree(sharded, data)
+    (data / "train.json").write_text((sharded / "train.json").read_text()[:200])
+    code = finetune.main(["--config", "smoke_finetune", f"data.dir={data}", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(data / "train.json") in line and "star shard" in line
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_run(tree, tmp_path, capsys, monkeypatch):
+    """Unlistable folders used to be skipped silently (their images missing without a trace)."""
+    src = copy_src(tree, tmp_path)
+    locked = sorted(src.iterdir())[1]
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(labels.os, "scandir", scandir)
+    assert run_shard(src, tmp_path / "out") == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(locked) in line and "Permission denied" in line
 
 
 # ----------------------------------------------------------------------------- 8. one key rule
