@@ -110,7 +110,7 @@ def _walk(root: Path, follow_external: bool) -> _Walk:
                 loop = _inside(target, real_parent)
                 where = os.path.relpath(target, root_real).replace(os.sep, "/")
                 skipped.append({"path": rel, "target": target,
-                                "reason": f"loop: links back to its own parent folder {where}" if loop else
+                                "reason": f"loop: links back to its enclosing folder {where}" if loop else
                                 f"links inside --src to {where}, which is read through its real path"})
                 continue
             if is_link and not follow_external:
@@ -126,7 +126,7 @@ def _walk(root: Path, follow_external: bool) -> _Walk:
             if identity in visited:
                 loop = is_link and _inside(target, os.path.realpath(path))
                 skipped.append({"path": rel, "target": target or os.path.realpath(entry.path),
-                                "reason": f"loop: links back to its own parent folder {target}" if loop else
+                                "reason": f"loop: links back to its enclosing folder {target}" if loop else
                                 f"the same folder as {visited[identity]}, read once only"})
                 continue
             visited[identity] = rel
