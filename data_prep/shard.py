@@ -3,6 +3,8 @@
 Three deterministic steps, so that the output depends only on the input files, the seed and
 --shard-bytes (never on --workers, timing or interruptions):
 
+0. list: SRC is walked once (``data_prep.labels``: symbolic-link loops and links out of SRC are
+   not followed, empty class folders refused, see ``--help``);
 1. inspect: every file is read and checked in parallel (``data_prep.images``); verdicts are
    appended to a cache (``OUT/.star-shard-work/{split}-inspect.jsonl``) so that a rerun only
    re-inspects files that are new or changed; repaired JPEGs are cached next to it;
@@ -24,6 +26,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +340,9 @@ def write_shards(shards: list[PlannedShard], src: Path, out: Path, work: Path, s
 
 
 def _class_list(args: argparse.Namespace, out: Path) -> list[str]:
-    """Train: sorted class folders, written to OUT/classes.json. Val: the training classes."""
+    """Train: sorted class folders. Val: the training classes. Nothing is written yet: a run
+    refused later (e.g. for an empty class) must leave no classes.json that a corrected rerun
+    would then disagree with; ``_write_class_list`` writes it once the plan stands."""
     target = out / "classes.json"
     if args.split == "train":
         wnids = labels.class_folders(args.src)
@@ -346,14 +351,11 @@ def _class_list(args: argparse.Namespace, out: Path) -> list[str]:
         if target.exists() and labels.read_classes(target) != wnids:
             raise ShardError(f"{target} lists other classes than the folders of {args.src}; shard into a fresh "
                              f"--out directory (validation shards there use the old class list)")
-        write_atomic(target, labels.classes_json_text(wnids))
         return wnids
     if args.classes is not None:
         wnids = labels.read_classes(args.classes)
         if target.exists() and labels.read_classes(target) != wnids:
             raise ShardError(f"--classes {args.classes} differs from {target}; drop --classes to use the latter")
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, labels.classes_json_text(wnids))
         return wnids
     if not target.exists():
         raise ShardError(f"{target} is missing: shard the train split into {out} first, or pass --classes FILE "
@@ -361,24 +363,81 @@ def _class_list(args: argparse.Namespace, out: Path) -> list[str]:
     return labels.read_classes(target)
 
 
-def _list_files(args: argparse.Namespace, wnids: list[str]) -> list[labels.SourceFile]:
+def _write_class_list(out: Path, wnids: list[str]) -> None:
+    target = out / "classes.json"
+    if not target.exists() or labels.read_classes(target) != wnids:
+        write_atomic(target, labels.classes_json_text(wnids))
+
+
+def _list_files(args: argparse.Namespace, wnids: list[str]) -> labels.Listing:
+    follow = args.follow_external_links
     if args.split == "train" or args.val_labels is None:
         if args.devkit_synsets is not None:
             raise ShardError("--devkit-synsets only applies together with --val-labels")
-        files = labels.list_image_folder(args.src)
+        listing = labels.list_image_folder(args.src, follow)
         if args.split == "val":
-            labels.check_known(files, wnids, f"the folders of {args.src}")
-        return files
+            labels.check_known(listing.files, wnids, f"the folders of {args.src}")
+        return listing
     if labels.is_loc_csv(args.val_labels):
-        files = labels.list_flat_loc_csv(args.src, args.val_labels)
+        listing = labels.list_flat_loc_csv(args.src, args.val_labels, follow)
     elif args.devkit_synsets is None:
         raise ShardError(
             f"{args.val_labels} looks like the devkit ground-truth list; its ILSVRC2012_IDs follow the devkit's "
             f"meta.mat order, so also pass --devkit-synsets FILE listing the wnids in that order (one per line)")
     else:
-        files = labels.list_flat_devkit(args.src, args.val_labels, args.devkit_synsets)
-    labels.check_known(files, wnids, str(args.val_labels))
-    return files
+        listing = labels.list_flat_devkit(args.src, args.val_labels, args.devkit_synsets, follow)
+    labels.check_known(listing.files, wnids, str(args.val_labels))
+    return listing
+
+
+def _empty_classes(args: argparse.Namespace, listing: labels.Listing) -> dict[str, str]:
+    """Class folders of an ImageFolder SRC holding no file at all -> why (e.g. an unfollowed link)."""
+    if args.split == "val" and args.val_labels is not None:
+        return {}
+    used = {f.wnid for f in listing.files}
+    skipped = {link["path"]: link["reason"] for link in listing.skipped_links}
+    return {w: (f"a link not followed: {skipped[w]}" if w in skipped else "no files")
+            for w in labels.class_folders(args.src) if w not in used}
+
+
+def _refuse_or_warn_empty(args: argparse.Namespace, empty: dict[str, str], what: str) -> None:
+    """Empty classes would make classes.json disagree with the dataset (ImageNet has 1000 classes
+    with images): refuse by default, keep them (with a warning by name) on --allow-empty-classes."""
+    if not empty:
+        return
+    named = "; ".join(f"{w} ({why})" for w, why in list(empty.items())[:10]) + (" ..." if len(empty) > 10 else "")
+    if not args.allow_empty_classes:
+        raise ShardError(f"{len(empty)} class folder(s) of {args.src} {what}: {named}. Fill or remove them, or pass "
+                         f"--allow-empty-classes to keep them as classes with 0 samples")
+    print(f"star shard: warning: keeping {len(empty)} class(es) that {what} (--allow-empty-classes): {named}",
+          file=sys.stderr)
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and delete a file in `folder`: the only test that also holds for root (who passes
+    permission bits but not a read-only mount or an immutable folder)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".star-shard-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ShardError(f"--out {folder} is not writable ({exc.strerror or exc}); choose a folder you can "
+                         f"write to") from None
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file, not a folder; give the folder the shards go to")
+    if not out.exists():
+        if args.split == "val" and args.classes is None:
+            return  # _class_list explains that val needs the train split's classes.json there
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ShardError(f"cannot create --out {out} ({exc.strerror or exc}); give a folder path whose "
+                             f"parents are folders you can write to") from None
+    _probe_writable(out)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -394,36 +453,46 @@ def _check_args(args: argparse.Namespace) -> None:
         path = getattr(args, opt)
         if path is not None and not path.is_file():
             raise ShardError(f"--{opt.replace('_', '-')} {path} is not a file")
+    _check_out(args)
 
 
 def shard_split(args: argparse.Namespace) -> dict:
     """Run the three steps for one split; returns the manifest."""
     _check_args(args)
     out: Path = args.out
-    if args.split == "train":
-        out.mkdir(parents=True, exist_ok=True)
     wnids = _class_list(args, out)
-    files = _list_files(args, wnids)
+    listing = _list_files(args, wnids)
+    files = listing.files
     if not files:
         raise ShardError(f"no files found under {args.src}")
-    out.mkdir(parents=True, exist_ok=True)
+    _refuse_or_warn_empty(args, _empty_classes(args, listing), "hold no files")
     work = out / WORK_DIR
     work.mkdir(exist_ok=True)
     manifest_path = out / f"{args.split}.json"
     manifest_path.unlink(missing_ok=True)  # no manifest = not complete, until the end of this run
     verdicts = {f.rel: Verdict(f.rel, f.size, f.mtime_ns, args.check, "rejected",
                                reason="not inside a class folder") for f in files if f.wnid is None}
-    verdicts.update(inspect_files([f for f in files if f.wnid is not None], args.src, work, args.split, args.check,
-                                  args.workers))
+    verdicts.update({f.rel: Verdict(f.rel, f.size, f.mtime_ns, args.check, "rejected", reason=f.reject)
+                     for f in files if f.wnid is not None and f.reject})
+    verdicts.update(inspect_files([f for f in files if f.wnid is not None and not f.reject], args.src, work,
+                                  args.split, args.check, args.workers))
     shards = make_plan(files, verdicts, wnids, args.split, args.seed, args.shard_bytes)
     if not shards:
         raise ShardError(f"all {len(files)} files under {args.src} were rejected; see the reasons above")
-    written = write_shards(shards, args.src, out, work, args.split, args.workers)
-
     class_counts = [0] * len(wnids)
     for shard in shards:
         for s in shard.samples:
             class_counts[s.cls] += 1
+    if args.split == "train":  # folders with files that were all rejected are empty classes too
+        n_files = {w: 0 for w in wnids}
+        for f in files:
+            if f.wnid is not None:
+                n_files[f.wnid] += 1
+        _refuse_or_warn_empty(args, {w: f"all {n_files[w]} file(s) rejected" for w, n in zip(wnids, class_counts)
+                                     if n == 0 and n_files[w]}, "have no usable image")
+    _write_class_list(out, wnids)
+    written = write_shards(shards, args.src, out, work, args.split, args.workers)
+
     ordered = sorted(verdicts.values(), key=lambda v: v.rel)
     n_rejected = sum(v.status == "rejected" for v in ordered)
     if sum(class_counts) + n_rejected != len(files):  # nothing may be lost silently
@@ -441,6 +510,10 @@ def shard_split(args: argparse.Namespace) -> dict:
         "shards": [{k: w[k] for k in ("name", "index", "num_samples", "bytes", "sha256")} for w in written],
         "rejected": [{"file": v.rel, "reason": v.reason} for v in ordered if v.status == "rejected"],
         "repaired": [{"file": v.rel, "action": v.action} for v in ordered if v.status == "repaired"],
+        # folder links the walk did not follow (loops, duplicates, links out of --src): not in files_in
+        "skipped_links": listing.skipped_links,
+        "follow_external_links": args.follow_external_links,
+        "empty_classes": [wnids[i] for i, n in enumerate(class_counts) if n == 0],
     }
     write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
     manifest["_kept_shards"] = sum(w["kept"] for w in written)
@@ -478,6 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode (default): entropy-decode every kept JPEG at 1/8 scale to reject truncated and "
                         "corrupt ones; markers: header and end-marker check only, much faster, misses damaged "
                         "entropy data")
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="also read files and folders reached through symbolic links that resolve outside --src "
+                        "(default: reject them, listed in SPLIT.json, so that e.g. validation images linked into "
+                        "train never leak in). Links to folders inside --src are never followed: those folders are "
+                        "read through their real paths, so loops and duplicates cannot occur; each linked folder "
+                        "not followed is listed under 'skipped_links' in SPLIT.json")
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="keep class folders that hold no file (or only rejected ones) as classes with 0 samples, "
+                        "with a warning naming them (default: refuse, since classes.json would then list classes "
+                        "that the data lacks)")
     return p
 
 
@@ -491,14 +574,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - started
     n_rej, n_rep = len(manifest["rejected"]), len(manifest["repaired"])
+    n_links = len(manifest["skipped_links"])
     print(f"{args.split}: {manifest['files_in']} files in = {manifest['num_samples']} samples written + {n_rej} "
           f"rejected ({n_rep} of the written repaired), {manifest['num_classes']} classes, "
           f"{len(manifest['shards'])} shards ({manifest['_kept_shards']} kept from an earlier run) in {args.out}, "
-          f"{seconds:.1f} s")
+          f"{n_links} folder link(s) not followed, {seconds:.1f} s")
     for r in manifest["rejected"]:
         print(f"  rejected {r['file']}: {r['reason']}")
     for r in manifest["repaired"]:
         print(f"  repaired {r['file']}: {r['action']}")
+    for r in manifest["skipped_links"]:
+        print(f"  link not followed {r['path']} -> {r['target']}: {r['reason']}")
     return 0
 
 

@@ -1,11 +1,13 @@
 """`star verify DIR`: check sharded splits against their manifests, reading every byte once.
 
 Per shard: the tar exists, has the manifest's size and sha256, parses to the manifest's sample
-count, every sample has exactly jpg/cls/json with a dot-free key and a class index in range,
+count, every sample has exactly jpg/cls/json and a class index in range,
 and the .idx file equals the index recomputed from the tar (what ``wds2idx`` would write).
 Per split: counts add up (files in = samples + rejected), keys are unique across shards, class
 counts match, no unlisted shard lies in the folder, and classes.json has num_classes wnids.
-Exits 1 naming each bad shard and what is wrong.
+Exits 1 naming each bad shard and what is wrong; exits 2 with one line, before reading any
+shard, for a manifest that is missing, damaged, or lists a path outside DIR
+(``data_prep.manifest``). Sample keys follow ``wds_tar.split_name``, as everywhere.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from data_prep.manifest import ManifestError, read_manifest
 from data_prep.progress import make_progress, usable_cpus
-from data_prep.wds_tar import MEMBER_ORDER, index_text, scan_tar
+from data_prep.wds_tar import MEMBER_ORDER, index_text, scan_tar, split_name
 
 SPLITS = ("train", "val")
 
@@ -31,6 +34,7 @@ SPLITS = ("train", "val")
 def check_shard(job: tuple[str, dict, int]) -> dict:
     """Problems of one shard, plus its keys and class counts for the split-wide checks."""
     folder, entry, num_classes = job
+    # verify_split checked both paths with shard_file: they lie inside `folder`
     tar_path, idx_path = Path(folder, entry["name"]), Path(folder, entry["index"])
     problems: list[str] = []
     keys: list[str] = []
@@ -50,13 +54,13 @@ def check_shard(job: tuple[str, dict, int]) -> dict:
     if len(scan.samples) != entry["num_samples"]:
         problems.append(f"{len(scan.samples)} samples, manifest says {entry['num_samples']}")
     for sample in scan.samples:
-        key = sample[0].name.split(".", 1)[0]
+        key = split_name(sample[0].name)[0]  # the rule scan_tar grouped the samples by
         keys.append(key)
         exts = tuple(e.ext for e in sample)
         if exts != MEMBER_ORDER:
             problems.append(f"sample {key!r} has members {exts}, expected {MEMBER_ORDER}")
             continue
-        raw = scan.small_members[f"{key}.cls"]
+        raw = scan.small_members[sample[MEMBER_ORDER.index("cls")].name]
         if not re.fullmatch(rb"\d+", raw) or int(raw) >= num_classes:
             problems.append(f"sample {key!r} has class {raw!r}, expected an integer in 0..{num_classes - 1}")
         else:
@@ -68,14 +72,21 @@ def check_shard(job: tuple[str, dict, int]) -> dict:
     return {"name": entry["name"], "problems": problems[:20], "keys": keys, "counts": counts}
 
 
-def verify_split(folder: Path, split: str, workers: int, console: Console) -> list[str]:
-    """All problems of one split, each prefixed with the shard (or file) it concerns."""
+def load_manifest(folder: Path, split: str) -> dict:
+    """The split's manifest with every field verify needs; ManifestError (one line, exit 2)
+    for a damaged one or one whose shard paths leave `folder`."""
     manifest_path = folder / f"{split}.json"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        shards, num_classes = manifest["shards"], int(manifest["num_classes"])
-    except (OSError, ValueError, KeyError) as exc:
-        return [f"{manifest_path}: unreadable manifest ({exc}); rerun `star shard --split {split}`"]
+        return read_manifest(manifest_path, required={"bytes": int, "sha256": str})
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest {manifest_path}: run `star shard --split {split}` first (an interrupted "
+                            f"run writes its manifest only at the end)") from None
+
+
+def verify_split(folder: Path, split: str, workers: int, console: Console, manifest: dict | None = None) -> list[str]:
+    """All problems of one split, each prefixed with the shard (or file) it concerns."""
+    manifest = load_manifest(folder, split) if manifest is None else manifest
+    shards, num_classes = manifest["shards"], manifest["num_classes"]
     problems = []
     try:
         wnids = json.loads((folder / "classes.json").read_text())["wnids"]
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="star verify",
         description="Re-hash every shard of a sharded dataset and check indexes, keys and counts against the "
-                    "manifests written by `star shard`. Exits 1 naming each bad shard.")
+                    "manifests written by `star shard`. Exits 1 naming each bad shard; exits 2 "
+                    "(one line, nothing read) when a manifest is missing, damaged or names a path outside DIR.")
     p.add_argument("dir", type=Path, help="the --out folder of `star shard`")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="check only this split (default: every split that has a manifest)")
@@ -148,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"star verify: error: no train.json or val.json manifest in {args.dir}; run `star shard` first "
               f"(an interrupted run writes its manifest only at the end)", file=sys.stderr)
         return 2
+    try:  # every manifest is checked before any shard is read
+        manifests = {split: load_manifest(args.dir, split) for split in splits}
+    except ManifestError as exc:
+        print(f"star verify: error: {exc}", file=sys.stderr)
+        return 2
     problems = []
     for split in splits:
-        problems += verify_split(args.dir, split, max(1, args.workers), console)
+        problems += verify_split(args.dir, split, max(1, args.workers), console, manifests[split])
     if problems:
         print(f"star verify: {len(problems)} problem(s) in {args.dir}:", file=sys.stderr)
         for p in problems:

@@ -8,13 +8,15 @@ per epoch and resume at any step (see ``pipelines.sampling``).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from data_prep.manifest import read_manifest, shard_file
+from data_prep.wds_tar import split_name
 
 
 class CorruptSampleError(RuntimeError):
@@ -56,7 +58,7 @@ def parse_dali_index(path: Path) -> list[dict[str, tuple[int, int]]]:
         for i in range(0, len(fields), 4):
             ext, offset, size, name = fields[i : i + 4]
             members[ext] = (int(offset), int(size))
-            members["__key__"] = name.split(".", 1)[0]
+            members["__key__"] = split_name(name)[0]  # the sharder's and verify's key rule
         samples.append(members)
     if len(samples) != declared:
         raise ValueError(f"{path}: header declares {declared} samples but lists {len(samples)}")
@@ -73,13 +75,16 @@ class ShardSet:
             raise FileNotFoundError(
                 f"no manifest {manifest_path}: run `star shard --src SRC --out {self.data_dir} "
                 f"--split {split}` first (split must be 'train' or 'val')")
-        self.manifest = json.loads(manifest_path.read_text())
+        # Names the file and line of a damaged manifest; refuses shard paths outside data_dir.
+        self.manifest = read_manifest(manifest_path)
         self.split = split
-        self.num_classes = int(self.manifest["num_classes"])
+        self.num_classes = self.manifest["num_classes"]
         self.shard_paths: list[Path] = []
         refs: list[SampleRef] = []
         for shard_no, shard in enumerate(self.manifest["shards"]):
-            tar_path, idx_path = self.data_dir / shard["name"], self.data_dir / shard["index"]
+            where = f"{manifest_path}: shards[{shard_no}]"
+            tar_path = shard_file(self.data_dir, shard["name"], f"{where}.name")
+            idx_path = shard_file(self.data_dir, shard["index"], f"{where}.index")
             for p in (tar_path, idx_path):
                 if not p.is_file():
                     raise FileNotFoundError(f"{p} listed in {manifest_path} is missing")

@@ -14,7 +14,6 @@ stop and exit codes are those of `star pretrain`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_prep.manifest import read_manifest
 from star.config import Config, ConfigError
 from star.train.evaluate import evaluate
 from star.train.pretrain import build_parser
@@ -96,7 +96,7 @@ def _num_classes(cfg: Config) -> int:
     if not manifest.is_file():
         raise ConfigError(f"model.num_classes is null and {manifest} does not exist; set model.num_classes "
                           f"or point data.dir at shards written by `star shard`")
-    return int(json.loads(manifest.read_text())["num_classes"])
+    return read_manifest(manifest)["num_classes"]  # a damaged manifest: one line naming it, exit 2
 
 
 def fill_num_classes(cfg: Config) -> None:
