@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.manifest import read_manifest, shard_file
+from star.config import ConfigError
 from data_prep.wds_tar import split_name
 
 
-class CorruptSampleError(RuntimeError):
-    """A sample that cannot be read or decoded; the message names its shard and key."""
+class CorruptSampleError(ConfigError):
+    """A sample that cannot be read or decoded; the message names its shard and key.
+
+    Bad input, not a bug: the commands print it as one line and exit with code 2."""
 
     def __init__(self, shard: str, key: str, reason: str):
         super().__init__(
-            f"corrupt sample {key!r} in shard {shard}: {reason}. Re-shard the source image, "
-            f"or build the loader with on_corrupt='skip' to skip and count such samples."
+            f"corrupt sample {key!r} in shard {shard}: {reason}. Re-shard the source image (and run "
+            f"`star verify`), or set data.on_corrupt=skip to skip such samples, name them and count them"
         )
         self.shard, self.key, self.reason = shard, key, reason
 

@@ -23,7 +23,7 @@ import torch
 def evaluate(model: torch.nn.Module, loader, *, device: str, amp_dtype: torch.dtype | None = None,
              epoch: int = 0) -> dict:
     """{"top1", "top5" (percent), "images"} over the whole split, summed over ranks."""
-    from star.train.distributed import all_reduce_sum
+    from star.train.distributed import all_gather_objects, all_reduce_sum
 
     was_training = model.training
     model.eval()
@@ -44,8 +44,12 @@ def evaluate(model: torch.nn.Module, loader, *, device: str, amp_dtype: torch.dt
     finally:
         model.train(was_training)
     correct1, correct5, count = all_reduce_sum([correct1, correct5, count], device)
+    # Corrupt samples skipped under data.on_corrupt=skip (valid=False like the padding), counted
+    # once each across ranks: the accuracy is over the remaining images.
+    names = loader.stats().get("corrupt_samples", []) if hasattr(loader, "stats") else []
+    skipped = sorted(set().union(*map(set, all_gather_objects(list(names)))))
     return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1),
-            "images": int(count)}
+            "images": int(count), "skipped_corrupt": len(skipped), "skipped_samples": skipped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,14 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         result.update(ckpt=str(ckpt), ema=args.ema, split=args.split, num_samples=loader.num_samples,
                       world_size=dist_env.world_size)
         if dist_env.is_main:
+            skipped = result["skipped_corrupt"]
+            for name in result["skipped_samples"]:
+                print(f"skipped corrupt sample {name}", file=sys.stderr)
+            note = (f"; {skipped} corrupt image(s) skipped (data.on_corrupt=skip), accuracy over the other "
+                    f"{result['images']}" if skipped else "")
             print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  on {result['images']} images "
-                  f"({'EMA, ' if args.ema else ''}{dist_env.world_size} rank(s))")
+                  f"({'EMA, ' if args.ema else ''}{dist_env.world_size} rank(s)){note}")
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        if result["images"] != loader.num_samples:
-            print(f"star eval: error: evaluated {result['images']} images but the split has "
-                  f"{loader.num_samples}", file=sys.stderr)
+        if result["images"] + result["skipped_corrupt"] != loader.num_samples:
+            print(f"star eval: error: evaluated {result['images']} images and skipped {result['skipped_corrupt']} "
+                  f"but the split has {loader.num_samples}", file=sys.stderr)
             return 1
         return 0
+    except ConfigError as exc:  # a corrupt sample or a damaged shard met while reading (bad input)
+        print(f"star eval: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         destroy()

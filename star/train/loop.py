@@ -21,6 +21,7 @@ The data position is (epoch, step within epoch): a resumed run asks the loader f
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,6 +88,8 @@ class Trainer:
         self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
         self.state = TrainState()
+        self._corrupt_named: set[str] = set()  # corrupt samples already reported by this rank
+        self._corrupt_at_epoch_start = 0
 
     # ---------------------------------------------------------------- checkpoint glue
     def _client_state(self) -> dict:
@@ -152,6 +155,7 @@ class Trainer:
                 if hasattr(batches, "close"):
                     batches.close()  # release the loader's workers of a partly read epoch
             if state.step_in_epoch >= self.steps_per_epoch:
+                self._report_corrupt_epoch(logger, state.epoch)
                 epoch_done = state.epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
@@ -164,6 +168,24 @@ class Trainer:
             self.save()
         _record_finished(logger, state)
         return EXIT_OK
+
+    # ---------------------------------------------------------------- corrupt samples (on_corrupt=skip)
+    def _name_corrupt_samples(self) -> None:
+        """Name every corrupt sample once, on the rank that met it (shard, key, reason)."""
+        for name in self.loader.stats().get("corrupt_samples", []) if hasattr(self.loader, "stats") else []:
+            if name not in self._corrupt_named:
+                self._corrupt_named.add(name)
+                print(f"warning: rank {self.dist_env.rank} skipped corrupt sample {name} (data.on_corrupt=skip)",
+                      file=sys.stderr, flush=True)
+
+    def _report_corrupt_epoch(self, logger: RunLogger, epoch: int) -> None:
+        """Console line with the corrupt samples skipped in the epoch just finished (all ranks)."""
+        local = self.loader.stats().get("skipped_corrupt", 0) if hasattr(self.loader, "stats") else 0
+        total = int(all_reduce_sum([float(local)], self.device)[0])
+        if total > self._corrupt_at_epoch_start:
+            logger.info(f"[yellow]epoch {epoch}: {total - self._corrupt_at_epoch_start} corrupt sample(s) skipped "
+                        f"(data.on_corrupt=skip; {total} in this run so far, named above)[/yellow]")
+        self._corrupt_at_epoch_start = total
 
     def _one_step(self, batches, logger: RunLogger, stop: StopFlag) -> int | None:
         cfg, state, engine, plan = self.cfg, self.state, self.engine, self.plan
@@ -207,6 +229,7 @@ class Trainer:
             "corrupt_skipped": int(corrupt_sum),
             "time": time.time(),
         })
+        self._name_corrupt_samples()
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
             self.save()
             logger.info(f"[red]stopping: {state.nonfinite_in_row} non-finite steps in a row[/red] (step "
