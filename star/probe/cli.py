@@ -156,7 +156,12 @@ def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         state = read_weights(ckpt)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: PyTorch lists every one, keep the first
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise UsageError(f"{ckpt} does not fit the model ({len(lines)} shape mismatches, e.g. "
+                         f"{lines[0] if lines else exc}); pass the right --model / --config") from None
     missing_encoder = [k for k in missing if k.startswith(ENCODER_PREFIXES)]
     if missing_encoder or unexpected:
         raise UsageError(f"{ckpt} does not fit the model: missing {missing_encoder[:4]}, unexpected "

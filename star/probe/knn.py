@@ -21,7 +21,8 @@ K_DEFAULT, TEMPERATURE_DEFAULT = 20, 0.07
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
                 *, num_classes: int, k: int = K_DEFAULT, temperature: float = TEMPERATURE_DEFAULT,
                 topk: int = 5, chunk_size: int = 256) -> torch.Tensor:
-    """(N_val, min(topk, num_classes)) class indices, best first, by DINO's weighted vote.
+    """(N_val, min(topk, num_classes)) class indices, best first, by DINO's weighted vote;
+    -1 where fewer classes than that received a vote.
 
     ``train_features`` (N_train, D) and ``val_features`` (N_val, D) may be in any float dtype
     on any device (the matmul runs in that dtype, the votes in float32); labels are int64.
@@ -43,7 +44,10 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, val_fe
         weights = (sim.float() / temperature).exp()
         votes = torch.zeros(val.shape[0], num_classes, device=train.device, dtype=torch.float32)
         votes.scatter_add_(1, labels[idx], weights)
-        out.append(votes.topk(min(topk, num_classes), dim=1).indices.cpu())
+        best = votes.topk(min(topk, num_classes), dim=1)
+        # A class without a vote is no prediction (-1): DINO's topk would rank such classes in an
+        # arbitrary order when fewer than ``topk`` classes are among the neighbours.
+        out.append(torch.where(best.values > 0, best.indices, -1).cpu())
     if not out:
         return torch.zeros(0, min(topk, num_classes), dtype=torch.long)
     return torch.cat(out)
