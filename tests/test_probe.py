@@ -156,6 +156,8 @@ def test_rank_shards_cover_every_image_exactly_once():
                                                   world_size=1, device="cpu", num_threads=1))
     assert torch.equal(whole.labels, single.labels)
     assert torch.allclose(whole.features, single.features, atol=1e-5)
+    again = extract_features(model, loader)  # a loader is reusable (the in-loop monitor keeps its own)
+    assert torch.equal(again.features, parts[1].features) and torch.equal(again.positions, parts[1].positions)
     dup = FeatureSet(merged.features, merged.labels, merged.positions.clone(), 4)
     dup.positions[3] = dup.positions[4]
     with pytest.raises(RuntimeError, match="exactly once"):
@@ -280,4 +282,27 @@ def test_probe_from_a_pretraining_run_dir(tmp_path):
     assert result["checkpoint_form"] == "run_dir" and result["feature_dim"] == 32
     assert (result["train_images"], result["val_images"]) == (30, 12)
     a, b = saved(tmp_path / "run.pt"), saved(tmp_path / "file.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # the registry's full tiny model (192 x 6 at 96 px): about 12 s on 2 cores
+@pytest.mark.filterwarnings("ignore:ignoring the checkpoint's cached decoder 'mask'")
+def test_probe_arm_release_layout_with_registry_model(tmp_path, capsys):
+    """ARM's released file as it is: registry model (no config), weights under "model", the run's
+    args, and ARM's cached decoder ``mask`` buffer (ignored by the model)."""
+    from star.models import create_model
+
+    torch.manual_seed(7)
+    state = create_model("arm_tiny_pz8").state_dict()
+    state["mask"] = torch.zeros(8, 8)
+    torch.save({"model": state, "args": argparse.Namespace(model="arm_tiny_pz8")}, tmp_path / "checkpoint-1599.pth")
+    common = ["--model", "arm_tiny_pz8", "--data", str(shard_dir()), "--train-images", "16", "--val-images", "6"]
+    for name, extra in {"arm": ["--ckpt", str(tmp_path / "checkpoint-1599.pth")],
+                        "init": ["--random-init", "--seed", "7"]}.items():
+        code, err = probe(["knn", *extra, *common, "--seed", "7", "--json", str(tmp_path / f"{name}.json"),
+                           "--save-features", str(tmp_path / f"{name}.pt")], capsys)
+        assert code == 0, err
+    result = json.loads((tmp_path / "arm.json").read_text())
+    assert (result["model"], result["feature_dim"], result["train_images"]) == ("arm_tiny_pz8", 192, 16)
+    a, b = saved(tmp_path / "arm.pt"), saved(tmp_path / "init.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

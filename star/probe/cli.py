@@ -111,20 +111,21 @@ def _check_args(args) -> tuple[Path | None, str]:
 
 
 def _model_source(args, ckpt: Path | None):
-    """(config or None, model name): --config, else a config.yaml beside the ckpt, else --model."""
-    overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model and args.config else [])
+    """(config or None, model name): --config, else a config.yaml beside the ckpt (as `star eval`),
+    else --model with the registry's defaults. --model with a config replaces model.name."""
+    overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
     saved = None
     if ckpt is not None:
         saved = ckpt / "config.yaml" if ckpt.is_dir() else ckpt.parent / "config.yaml"
     if args.config:
         cfg = load_config(args.config, overrides)
-    elif args.model:
-        if args.overrides:
-            raise UsageError("config overrides need --config (or a run dir); with --model the registry's "
-                             "defaults are used")
-        return None, args.model
     elif saved is not None and saved.is_file():
         cfg = load_config(base=yaml.safe_load(saved.read_text()), overrides=overrides)
+    elif args.model:
+        if args.overrides:
+            raise UsageError("config overrides need --config NAME|PATH (or a run dir); with --model alone "
+                             "the registry's defaults are used")
+        return None, args.model
     else:
         where = f"{ckpt} has no config.yaml beside it" if ckpt is not None else "no --ckpt run dir"
         raise UsageError(f"{where}: pass --model NAME (e.g. star_base_pz16) or --config NAME|PATH")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                            world_size=dist_env.world_size, device=device, backend=backend,
                                            num_threads=num_threads, seed=args.seed, max_images=limit)
                        for split, limit in (("train", args.train_images), ("val", args.val_images))}
-        except (UsageError, ImportError) as exc:
+        except (UsageError, ImportError, FileNotFoundError, ValueError) as exc:  # model name, shards, DALI
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         model.to(device)
