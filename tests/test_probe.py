@@ -17,7 +17,7 @@ import torch
 from star.config import load_config
 from star.models.packing import IMAGE
 from star.probe import (FeatureSet, LinearProbeConfig, encoder_features, extract_features, gather_features,
-                        knn_classify, knn_predict, linear_probe, probe_loader, subset_indices)
+                        knn_accuracy, knn_classify, knn_predict, linear_probe, probe_loader, subset_indices)
 from star.probe.cli import main as probe_main
 from star.probe.linear import LARS
 from star.train.runtime import build_model
@@ -152,12 +152,20 @@ def test_rank_shards_cover_every_image_exactly_once():
                         torch.cat([p.positions for p in parts]), parts[0].num_classes)
     whole = gather_features(merged, 20)
     assert whole.positions.tolist() == list(range(20))
-    single = extract_features(model, probe_loader(shard_dir(), "val", image_size=64, batch_size=5, rank=0,
-                                                  world_size=1, device="cpu", num_threads=1))
+    single_loader = probe_loader(shard_dir(), "val", image_size=64, batch_size=5, rank=0, world_size=1,
+                                 device="cpu", num_threads=1)
+    single = extract_features(model, single_loader)
     assert torch.equal(whole.labels, single.labels)
     assert torch.allclose(whole.features, single.features, atol=1e-5)
     again = extract_features(model, loader)  # a loader is reusable (the in-loop monitor keeps its own)
     assert torch.equal(again.features, parts[1].features) and torch.equal(again.positions, parts[1].positions)
+    # the in-loop monitor's entry point: no random stream used, training mode restored
+    model.train()
+    before = torch.get_rng_state()
+    result = knn_accuracy(model, single_loader, single_loader, k=5)
+    assert torch.get_rng_state().equal(before) and model.training
+    expected = knn_classify(single.features, single.labels, single.features, single.labels, num_classes=4, k=5)
+    assert {key: result[key] for key in expected} == expected and result["train_images"] == 20
     dup = FeatureSet(merged.features, merged.labels, merged.positions.clone(), 4)
     dup.positions[3] = dup.positions[4]
     with pytest.raises(RuntimeError, match="exactly once"):

@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         device = f"cuda:{dist_env.local_rank}"
         torch.cuda.set_device(dist_env.local_rank)
-    console = Console(stderr=True)
     try:
         try:
             model = _build_model(cfg, model_name, args.seed)

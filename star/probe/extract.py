@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from star.models.packing import IMAGE, Layout, PackingConfig, build_layout
+from star.probe.knn import K_DEFAULT, TEMPERATURE_DEFAULT, knn_classify
 
 POOLS = ("mean", "last")
 _LAYOUTS: dict[tuple[PackingConfig, str], tuple[Layout, torch.Tensor, int]] = {}
@@ -139,7 +141,7 @@ def probe_loader(data_dir, split: str, *, image_size: int, batch_size: int, rank
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False)
+                    console=Console(stderr=True), transient=False)
 
 
 @torch.no_grad()
@@ -223,3 +225,23 @@ def features_of_split(model: torch.nn.Module, loader, *, pool: str = "mean", amp
     local = extract_features(model, loader, pool=pool, amp_dtype=amp_dtype, show_progress=show_progress,
                              description=description)
     return gather_features(local, loader.num_samples)
+
+
+def knn_accuracy(model: torch.nn.Module, train_loader, val_loader, *, pool: str = "mean",
+                 amp_dtype: torch.dtype | None = None, k: int = K_DEFAULT,
+                 temperature: float = TEMPERATURE_DEFAULT, show_progress: bool = False) -> dict | None:
+    """The whole k-NN evaluation over ranks: every rank extracts its part of both loaders
+    (collective: call it on every rank), rank 0 classifies. Returns {"top1", "top5", "images",
+    "train_images", "seconds"} on rank 0, None elsewhere. Uses no random number stream and
+    restores ``model.training``, so a training run around it continues unchanged."""
+    start = time.perf_counter()
+    train = features_of_split(model, train_loader, pool=pool, amp_dtype=amp_dtype,
+                              show_progress=show_progress, description="train features")
+    val = features_of_split(model, val_loader, pool=pool, amp_dtype=amp_dtype,
+                            show_progress=show_progress, description="val features")
+    if train is None:
+        return None
+    result = knn_classify(train.features, train.labels, val.features, val.labels,
+                          num_classes=train.num_classes, k=k, temperature=temperature)
+    result.update(train_images=len(train), seconds=time.perf_counter() - start)
+    return result
