@@ -191,7 +191,12 @@ def result_table(result: dict) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+    from star.train.distributed import (
+        destroy,
+        init_distributed,
+        resolve_device,
+        resolve_dist_env,
+    )
 
     try:
         ckpt, form = _check_args(args)
@@ -236,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         if not dist_env.is_main:
             return 0
         train, val = sets["train"], sets["val"]
-        result = dict(mode=args.mode, checkpoint=str(ckpt) if ckpt else None, checkpoint_form=form,
-                      model=model_name, pool=args.pool, train_images=len(train), val_images=len(val),
-                      num_classes=train.num_classes, feature_dim=train.dim, seed=args.seed,
-                      world_size=dist_env.world_size, precision=precision, extract_seconds=seconds,
-                      images_per_second=(len(train) + len(val)) / max(seconds, 1e-9))
+        result = {"mode": args.mode, "checkpoint": str(ckpt) if ckpt else None, "checkpoint_form": form,
+                  "model": model_name, "pool": args.pool, "train_images": len(train), "val_images": len(val),
+                  "num_classes": train.num_classes, "feature_dim": train.dim, "seed": args.seed,
+                  "world_size": dist_env.world_size, "precision": precision, "extract_seconds": seconds,
+                  "images_per_second": (len(train) + len(val)) / max(seconds, 1e-9)}
         if args.mode == "knn":
             result.update(knn_classify(train.features, train.labels, val.features, val.labels,
                                        num_classes=train.num_classes, k=args.k, temperature=args.temperature),

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from star.models.packing import IMAGE, Layout, PackingConfig, build_layout
 from star.probe.knn import K_DEFAULT, TEMPERATURE_DEFAULT, knn_classify

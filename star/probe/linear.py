@@ -54,8 +54,8 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "trust_coefficient": trust_coefficient})
 
     @torch.no_grad()
     def step(self, closure=None):
