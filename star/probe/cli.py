@@ -29,9 +29,13 @@ from rich.console import Console
 from rich.table import Table
 
 from star.config import ConfigError, load_config
+from star.models import create_model
 from star.probe.extract import POOLS, features_of_split, probe_loader
 from star.probe.knn import K_DEFAULT, TEMPERATURE_DEFAULT, knn_classify
 from star.probe.linear import LinearProbeConfig, linear_probe
+from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+from star.train.runtime import build_model
+from star.train.weights import read_weights
 
 PROG = "star probe"
 EXIT_USAGE = 2
@@ -136,9 +140,6 @@ def _model_source(args, ckpt: Path | None):
 
 
 def _build_model(cfg, name: str, seed: int) -> torch.nn.Module:
-    from star.models import create_model
-    from star.train.runtime import build_model
-
     torch.manual_seed(seed)  # the same random init on every rank
     try:
         model = build_model(cfg) if cfg is not None else create_model(name)
@@ -151,8 +152,6 @@ def _build_model(cfg, name: str, seed: int) -> torch.nn.Module:
 
 
 def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    from star.train.weights import read_weights
-
     try:
         state = read_weights(ckpt)
     except (FileNotFoundError, ValueError) as exc:
@@ -191,13 +190,6 @@ def result_table(result: dict) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    from star.train.distributed import (
-        destroy,
-        init_distributed,
-        resolve_device,
-        resolve_dist_env,
-    )
-
     try:
         ckpt, form = _check_args(args)
         cfg, model_name = _model_source(args, ckpt)
