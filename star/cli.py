@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("star.train.pretrain", "STAR / ARM autoregressive pretraining (DeepSpeed ZeRO, resumable)"),
     "finetune": ("star.train.finetune", "fine-tune the 4-scan classifier from a pretrained checkpoint"),
     "eval": ("star.train.evaluate", "top-1 / top-5 of a checkpoint on the validation shards"),
+    "probe": ("star.probe.cli", "k-NN / linear-probe accuracy of a pretrained encoder's frozen features"),
     "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
     "profile": ("star.profile", "throughput of the data pipeline, the model and the training step"),
     "demo": ("star.demo", "the whole pipeline end to end on CPU in minutes, with plots"),
