@@ -10,7 +10,8 @@ shard layout. Per sample:
     decoders.image_slice  decode only the crop window (nvJPEG with device="mixed" on GPU,
                           libjpeg-turbo with "cpu", fast IDCT when training)
     resize                to S x S, cubic (or linear), antialiased
-    RandAugment           fine-tuning only: DALI's own ops, selected by the given indices
+    RandAugment           fine-tuning only: timm's rand-m9-mstd0.5-inc1 (or "star_v1") with
+                          DALI operators, selected by the given op indices and arguments
     crop_mirror_normalize flip and HWC -> CHW, still uint8
 
 Normalisation (and random erasing) run in torch on the training device: that sends a quarter
@@ -281,8 +282,9 @@ def _timm_suite(fill: np.ndarray) -> list:
     def affine(data, matrix, **_):
         # DALI's warps have no bicubic and one fill value: shift by the fill colour, warp
         # bilinear with fill 0, shift back. inverse_map=True: matrix maps output -> input (PIL).
+        # The matrix is a named argument: argument inputs stay on the CPU, also for GPU images.
         centre = types.Constant(fill)
-        out = fn.warp_affine(fn.cast(data, dtype=types.FLOAT) - centre, matrix, fill_value=0.0,
+        out = fn.warp_affine(fn.cast(data, dtype=types.FLOAT) - centre, matrix=matrix, fill_value=0.0,
                              interp_type=types.INTERP_LINEAR, inverse_map=True)
         return fn.cast(out + centre, dtype=types.UINT8)
 
