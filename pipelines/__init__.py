@@ -31,12 +31,14 @@ def build_loader(mode: str, data_dir, *, split: str, batch_size: int, image_size
                  hflip: float | None = None, rand_augment_n: int | None = None,
                  rand_augment_m: float | None = None, rand_augment_mstd: float | None = None,
                  erase_prob: float | None = None, eval_crop_pct: float | None = None,
-                 interpolation: str | None = None, prefetch: int = 2,
+                 interpolation: str | None = None, randaug: str | None = None,
+                 erase_mode: str | None = None, eval_resize: str | None = None, prefetch: int = 2,
                  cpu_resize: str = "torch") -> Loader:
     """A loader for ``mode`` ("pretrain" | "finetune" | "eval") over ``data_dir/{split}.json``.
 
-    Augmentation knobs left as None take the paper's defaults for the mode (STAR paper, section
-    4.1, and ARM's fine-tuning recipe; see docs/design.md, "Paper facts the code depends on").
+    Augmentation knobs left as None take the defaults for the mode (``AugmentConfig``; ARM's
+    fine-tuning recipe, see docs/fidelity.md): ``randaug`` "timm" | "star_v1", ``erase_mode``
+    "pixel" | "const", ``eval_resize`` "shorter" | "square".
     There is no shuffle buffer to size: every epoch is a full global permutation of the
     manifest (see ``pipelines.sampling``). ``cpu_resize`` ("torch" | "dali"): who resizes
     in the DALI backend on the CPU (see ``pipelines.dali_backend``); on GPU DALI always does.
@@ -48,7 +50,8 @@ def build_loader(mode: str, data_dir, *, split: str, batch_size: int, image_size
     augment = AugmentConfig.for_mode(
         mode, image_size, scale=scale, ratio=ratio, hflip=hflip, rand_augment_n=rand_augment_n,
         rand_augment_m=rand_augment_m, rand_augment_mstd=rand_augment_mstd, erase_prob=erase_prob,
-        eval_crop_pct=eval_crop_pct, interpolation=interpolation)
+        eval_crop_pct=eval_crop_pct, interpolation=interpolation, randaug=randaug, erase_mode=erase_mode,
+        eval_resize=eval_resize)
     kwargs = dict(split=split, batch_size=batch_size, image_size=image_size, rank=rank,
                   world_size=world_size, seed=seed, num_threads=num_threads, device=device,
                   dtype=dtype, on_corrupt=on_corrupt, augment=augment)

@@ -62,7 +62,7 @@ class _StepDataset(Dataset):
             if slot in replaced:
                 continue
             try:
-                out[slot] = pil_ops.render(data, params, size, self.cfg.interpolation)
+                out[slot] = pil_ops.render(data, params, size, self.cfg.interpolation, self.cfg.mean)
             except Exception as e:  # PIL raises several types on broken data
                 index = int(host.indices[slot])
                 shard, key = self.shards.name(index)

@@ -10,7 +10,8 @@ shard layout. Per sample:
     decoders.image_slice  decode only the crop window (nvJPEG with device="mixed" on GPU,
                           libjpeg-turbo with "cpu", fast IDCT when training)
     resize                to S x S, cubic (or linear), antialiased
-    RandAugment           fine-tuning only: DALI's own ops, selected by the given indices
+    RandAugment           fine-tuning only: timm's rand-m9-mstd0.5-inc1 (or "star_v1") with
+                          DALI operators, selected by the given op indices and arguments
     crop_mirror_normalize flip and HWC -> CHW, still uint8
 
 Normalisation (and random erasing) run in torch on the training device: that sends a quarter
@@ -31,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pipelines import rand_augment
 from pipelines.loader import HostBatch, Loader
 from pipelines.sampling import MAGNITUDE_BINS, EpochPlan
 from pipelines.shards import CorruptSampleError, as_array
@@ -88,7 +90,14 @@ class _Feeder:
             [np.array(_roi(p)[1::-1], dtype=np.float32) for p in ps],
             [np.array(_roi(p)[:1:-1], dtype=np.float32) for p in ps],
         ]
-        if self.loader.augment.rand_augment:
+        cfg = self.loader.augment
+        if cfg.rand_augment and cfg.randaug == "timm":
+            layers = [[rand_augment.dali_layer(o, a, g, cfg.image_size)
+                       for o, a, g in zip(p.ra_ops, p.ra_applied, p.ra_args)] for p in ps]
+            outputs += [[np.array([k for k, _, _ in ls], dtype=np.int32) for ls in layers],
+                        [np.array([g for _, g, _ in ls], dtype=np.float32) for ls in layers],
+                        [np.array([m for _, _, m in ls], dtype=np.float32).reshape(-1, 2, 3) for ls in layers]]
+        elif cfg.rand_augment:
             outputs += [[np.array(p.ra_ops, dtype=np.int32) for p in ps],
                         [np.array(p.ra_bins, dtype=np.int32) for p in ps],
                         [np.array(p.ra_signs, dtype=np.int32) for p in ps]]
@@ -106,7 +115,7 @@ class DaliLoader(Loader):
             raise ValueError(f"cpu_resize {cpu_resize!r}: use 'torch' (fast on CPU) or 'dali'")
         self.prefetch = prefetch
         self.decode_device = "mixed" if self.device.type == "cuda" else "cpu"
-        # On CPU DALI's resize costs several times the crop decode (docs/design.md, "Data path"); torch's
+        # On CPU DALI's resize costs several times the crop decode; torch's
         # vectorised uint8 antialiased resize is much faster. RandAugment needs the resized
         # image inside the graph, so fine-tuning keeps DALI's resize.
         self.torch_resize = (self.decode_device == "cpu" and cpu_resize == "torch"
@@ -218,7 +227,7 @@ def _graph(feeder: _Feeder, cfg, decode_device: str, decode_only: bool):
     from nvidia.dali import fn, types
 
     size = cfg.image_size
-    num_inputs = 3 if decode_only else 9 if cfg.rand_augment else 6
+    num_inputs = 3 if decode_only else 9 if cfg.rand_augment else 6  # RandAugment: 3 per-layer inputs
     inputs = fn.external_source(source=feeder, num_outputs=num_inputs, batch=True)
     jpegs, anchors, shapes = inputs[:3]
     # Fast integer IDCT on the CPU: up to 14 % faster, differences of a grey level or two,
@@ -232,13 +241,90 @@ def _graph(feeder: _Feeder, cfg, decode_device: str, decode_only: bool):
     interp = types.INTERP_CUBIC if cfg.interpolation == "cubic" else types.INTERP_LINEAR
     images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True,
                        roi_start=roi_start, roi_end=roi_end)
-    if cfg.rand_augment:
+    if cfg.rand_augment and cfg.randaug == "timm":
+        images = _timm_rand_augment(images, *inputs[6:], n=cfg.rand_augment_n,
+                                    fill=rand_augment.fill_colour(cfg.mean), on_gpu=decode_device == "mixed")
+    elif cfg.rand_augment:
         images = _rand_augment(images, *inputs[6:], n=cfg.rand_augment_n, size=size)
     return fn.crop_mirror_normalize(images, mirror=flips, dtype=types.UINT8, output_layout="CHW")
 
 
+def _timm_rand_augment(images, kinds, args, matrices, *, n: int, fill, on_gpu: bool):
+    """timm's RandAugment (``pipelines.rand_augment``) with the given per-layer op kind
+    (``rand_augment.DALI_KINDS``, 0 = not applied), scalar argument and affine matrix."""
+    from nvidia.dali import types
+    from nvidia.dali.auto_aug.core._select import select
+    from nvidia.dali.pipeline import do_not_convert
+
+    suite = [do_not_convert(op) for op in _timm_suite(np.array(fill, dtype=np.float32))]
+    blur = types.Constant(np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13)
+    ident = types.Constant(np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=np.float32))
+    for level in range(n):
+        arg = args[level]
+        # PIL's Sharpness blends the SMOOTH-filtered image with the image: one 3x3 kernel
+        kernel = blur * (1.0 - arg) + ident * arg
+        arg_data = arg.gpu() if on_gpu else arg  # operands of arithmetic with the images
+        kernel = kernel.gpu() if on_gpu else kernel
+        images = select(suite, kinds[level], images, arg=arg, arg_data=arg_data, kernel=kernel,
+                        matrix=matrices[level])
+    return images
+
+
+def _timm_suite(fill: np.ndarray) -> list:
+    """One function per entry of ``rand_augment.DALI_KINDS``, same order."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import augmentations as aa
+
+    def identity(data, **_):
+        return data
+
+    def affine(data, matrix, **_):
+        # DALI's warps have no bicubic and one fill value: shift by the fill colour, warp
+        # bilinear with fill 0, shift back. inverse_map=True: matrix maps output -> input (PIL).
+        # The matrix is a named argument: argument inputs stay on the CPU, also for GPU images.
+        centre = types.Constant(fill)
+        out = fn.warp_affine(fn.cast(data, dtype=types.FLOAT) - centre, matrix=matrix, fill_value=0.0,
+                             interp_type=types.INTERP_LINEAR, inverse_map=True)
+        return fn.cast(out + centre, dtype=types.UINT8)
+
+    def auto_contrast(data, **_):
+        return aa.auto_contrast.op(data, None)
+
+    def equalize(data, **_):
+        return fn.equalize(data)
+
+    def invert(data, **_):
+        return aa.invert.op(data, None)
+
+    def posterize(data, arg_data, **_):  # the argument is the AND mask here
+        return data & fn.cast(arg_data, dtype=types.UINT8)
+
+    def solarize(data, arg_data, **_):
+        return aa.solarize.op(data, arg_data)
+
+    def solarize_add(data, arg_data, **_):
+        return aa.solarize_add.op(data, fn.cast(arg_data, dtype=types.UINT8))
+
+    def color(data, arg, **_):
+        return fn.saturation(data, saturation=arg)
+
+    def contrast(data, arg_data, **_):
+        return aa.contrast.op(data, arg_data)
+
+    def brightness(data, arg, **_):
+        return fn.brightness(data, brightness=arg)
+
+    def sharpness(data, kernel, **_):
+        return fn.filter(data, kernel)
+
+    suite = [identity, affine, auto_contrast, equalize, invert, posterize, solarize, solarize_add,
+             color, contrast, brightness, sharpness]
+    assert len(suite) == len(rand_augment.DALI_KINDS)
+    return suite
+
+
 def _rand_augment(images, ops, bins, signs, *, n: int, size: int):
-    """DALI's RandAugment suite applied with externally chosen ops, bins and signs."""
+    """The "star_v1" RandAugment: DALI's suite applied with externally chosen ops, bins and signs."""
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
     from nvidia.dali.auto_aug.core._select import select

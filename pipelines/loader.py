@@ -115,14 +115,26 @@ class Loader(ABC):
         if x.dtype == torch.uint8:  # else the backend normalised already (CPU fast path)
             x = x.float() * self._scale + self._shift  # (x/255 - mean) / std
         if self.augment.random_erasing:
+            pixel = self.augment.erase_mode == "pixel"
             for i, p in enumerate(host.params):
                 ex, ey, ew, eh = p.erase
-                if ew:  # timm's mode "const": zero in normalised space (the mean colour)
+                if not ew:
+                    continue
+                if pixel:  # timm's mode "pixel": per-pixel standard normal noise, normalised space
+                    x[i, :, ey : ey + eh, ex : ex + ew] = erase_noise(p.erase_seed, eh, ew, x.device)
+                else:  # timm's mode "const": zero in normalised space (the mean colour)
                     x[i, :, ey : ey + eh, ex : ex + ew] = 0
         return Batch(images=x.to(self.dtype),
                      labels=torch.from_numpy(host.labels).to(self.device),
                      valid=torch.from_numpy(host.valid).to(self.device),
                      indices=torch.from_numpy(np.asarray(host.indices, dtype=np.int64)))
+
+
+def erase_noise(seed: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The (3, height, width) float32 noise of one erased box: a pure function of the seed
+    (drawn in ``pipelines.sampling``) and the device type, identical for both backends."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn((3, height, width), generator=generator, device=device, dtype=torch.float32)
 
 
 def prepare_host_batch(shards: ShardSet, cfg: AugmentConfig, plan: EpochPlan, step: int,

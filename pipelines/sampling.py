@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# DALI's RandAugment suite (nvidia.dali.auto_aug.rand_augment.get_rand_augment_suite with
+from pipelines import rand_augment
+
+# The "star_v1" RandAugment (``randaug: star_v1``): DALI's RandAugment suite (nvidia.dali.auto_aug.rand_augment.get_rand_augment_suite with
 # image shapes), in its order: name, magnitude range, whether the sign is random.
 RAND_AUGMENT_OPS: tuple[tuple[str, tuple[float, float], bool], ...] = (
     ("translate_x", (0.0, 100 / 224), True),
@@ -53,7 +55,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Per-mode augmentation settings; defaults are the paper's (STAR paper, section 4.1; docs/design.md)."""
+    """Per-mode augmentation settings; defaults follow ARM's fine-tuning recipe (docs/fidelity.md).
+
+    ``randaug``: "timm" (timm's rand-m9-mstd0.5-inc1, ``pipelines.rand_augment``) or "star_v1"
+    (DALI's suite, both ops always applied; our first recipe). ``erase_mode``: "pixel" (timm's
+    per-pixel normal noise in normalised space, ARM's ``--remode pixel``) or "const" (zeros).
+    ``eval_resize``: "shorter" (shorter side to size / crop_pct keeping the aspect ratio, as
+    ARM's ``transforms.Resize(int)``) or "square" (both sides to size / crop_pct).
+    """
 
     mode: str  # "pretrain" | "finetune" | "eval"
     image_size: int
@@ -68,6 +77,9 @@ class AugmentConfig:
     erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     eval_crop_pct: float = 0.875
     interpolation: str = "cubic"  # "cubic" | "linear"
+    randaug: str = "timm"  # "timm" | "star_v1"
+    erase_mode: str = "pixel"  # "pixel" | "const"
+    eval_resize: str = "shorter"  # "shorter" | "square"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -80,8 +92,10 @@ class AugmentConfig:
         defaults: dict = {"pretrain": {"scale": (0.2, 1.0)}, "finetune": {"scale": (0.08, 1.0)},
                           "eval": {}}[mode]
         defaults.update({k: v for k, v in overrides.items() if v is not None})
-        if defaults.get("interpolation", "cubic") not in ("cubic", "linear"):
-            raise ValueError(f"interpolation {defaults['interpolation']!r}: use 'cubic' or 'linear'")
+        for key, allowed in (("interpolation", ("cubic", "linear")), ("randaug", ("timm", "star_v1")),
+                             ("erase_mode", ("pixel", "const")), ("eval_resize", ("shorter", "square"))):
+            if key in defaults and defaults[key] not in allowed:
+                raise ValueError(f"{key} {defaults[key]!r}: use " + " or ".join(repr(a) for a in allowed))
         return AugmentConfig(mode=mode, image_size=image_size, **defaults)
 
     @property
@@ -106,10 +120,17 @@ class SampleParams:
     # the same box as "resize the window to (w, h), crop S x S at (left, top)"; None: resize to S x S
     resize_crop: tuple[int, int, int, int] | None = None
     flip: bool = False
-    ra_ops: list[int] = field(default_factory=list)  # indices into RAND_AUGMENT_OPS
+    # RandAugment, one entry per layer. ra_ops index rand_augment.TIMM_OPS ("timm") or
+    # RAND_AUGMENT_OPS ("star_v1"); "timm" also fills ra_applied, ra_mags and ra_args,
+    # "star_v1" fills ra_bins (it always applies every layer).
+    ra_ops: list[int] = field(default_factory=list)
     ra_bins: list[int] = field(default_factory=list)  # magnitude bins in [0, MAGNITUDE_BINS)
     ra_signs: list[int] = field(default_factory=list)  # 1 = negate the magnitude
+    ra_applied: list[bool] = field(default_factory=list)  # timm: the op ran (probability 0.5)
+    ra_mags: list[float] = field(default_factory=list)  # timm: magnitude, normal(m, mstd) clipped to [0, 10]
+    ra_args: list[float] = field(default_factory=list)  # timm: the op's argument (rand_augment.op_argument)
     erase: tuple[int, int, int, int] = (0, 0, 0, 0)  # (x, y, w, h) in output pixels; w=0: none
+    erase_seed: int = 0  # seeds the per-pixel noise of erase_mode "pixel"
 
 
 class EpochPlan:
@@ -153,13 +174,19 @@ def sample_params(cfg: AugmentConfig, seed: int, epoch: int, position: int,
                   width: int, height: int) -> SampleParams:
     """All augmentation decisions for the sample at ``position`` of epoch ``epoch``."""
     if not cfg.train:
-        resize_crop = eval_resize_crop(width, height, cfg.image_size, cfg.eval_crop_pct)
+        resize_crop = eval_resize_crop(width, height, cfg.image_size, cfg.eval_crop_pct, cfg.eval_resize)
         return SampleParams(window=(0, 0, width, height), roi=eval_roi(width, height, *resize_crop, cfg.image_size),
                             resize_crop=resize_crop)
     rng = np.random.default_rng([seed, epoch, position])
     params = SampleParams(window=random_resized_crop(rng, width, height, cfg.scale, cfg.ratio))
     params.flip = bool(rng.random() < cfg.hflip)
-    if cfg.rand_augment:
+    if cfg.rand_augment and cfg.randaug == "timm":
+        ops, applied, mags, negate = rand_augment.draw(rng, cfg.rand_augment_n, cfg.rand_augment_m,
+                                                       cfg.rand_augment_mstd)
+        params.ra_ops, params.ra_applied, params.ra_mags = ops, applied, mags
+        params.ra_signs = [int(x) for x in negate]
+        params.ra_args = [rand_augment.op_argument(o, m, s) for o, m, s in zip(ops, mags, negate)]
+    elif cfg.rand_augment:
         n = cfg.rand_augment_n
         params.ra_ops = rng.integers(0, len(RAND_AUGMENT_OPS), n).tolist()
         mags = cfg.rand_augment_m + cfg.rand_augment_mstd * rng.standard_normal(n)
@@ -168,6 +195,7 @@ def sample_params(cfg: AugmentConfig, seed: int, epoch: int, position: int,
         params.ra_signs = (rng.random(n) < 0.5).astype(int).tolist()
     if cfg.random_erasing and rng.random() < cfg.erase_prob:
         params.erase = erase_box(rng, cfg.image_size, cfg.erase_area, cfg.erase_ratio)
+        params.erase_seed = int(rng.integers(0, 2**63 - 1))
     return params
 
 
@@ -196,10 +224,17 @@ def random_resized_crop(rng: np.random.Generator, width: int, height: int,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def eval_resize_crop(width: int, height: int, size: int, crop_pct: float) -> tuple[int, int, int, int]:
-    """torchvision's "Resize(int(size / crop_pct)), CenterCrop(size)": (new_w, new_h, left, top)."""
+def eval_resize_crop(width: int, height: int, size: int, crop_pct: float,
+                     resize: str = "shorter") -> tuple[int, int, int, int]:
+    """torchvision's "Resize(int(size / crop_pct)), CenterCrop(size)": (new_w, new_h, left, top).
+
+    ``resize="shorter"``: ``Resize`` given an int (the shorter side, aspect kept), as ARM's
+    utils/datasets.py build_transform; "square": ``Resize((s, s))``, aspect not kept.
+    """
     resize_to = int(size / crop_pct)  # 256 for 224
-    if width <= height:
+    if resize == "square":
+        new_w = new_h = resize_to
+    elif width <= height:
         new_w, new_h = resize_to, int(resize_to * height / width)
     else:
         new_w, new_h = int(resize_to * width / height), resize_to
