@@ -98,7 +98,7 @@ class ScheduleConfig:
 
 @dataclass
 class MixupConfig:
-    """Fine-tuning label mixing (``star.augment.Mixup``); all zero disables it."""
+    """Fine-tuning label mixing (``star.train.mixup.Mixup``); all zero disables it."""
 
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
