@@ -133,7 +133,7 @@ class Config:
     name: str = ""                 # preset the config was resolved from (informational)
     seed: int = 0
     device: str = "auto"           # auto (cuda if available) | cpu | cuda
-    ds_config: str = "auto"        # auto | a name in ds_configs/ | a path to a JSON file
+    ds_config: str = "auto"        # auto | a name in star/ds_configs/ | a path to a JSON file
     max_nonfinite_in_row: int = 20  # consecutive non-finite steps before the run stops
     init: str | None = None        # fine-tuning: run dir, exported file or ARM checkpoint
     eval_every_epochs: int = 1     # fine-tuning: validation cadence (and at the last epoch)

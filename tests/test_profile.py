@@ -112,7 +112,7 @@ def _check_model(model: dict, batch: int, peak: float) -> None:
 @pytest.fixture
 def in_process(monkeypatch):
     """`star profile` in this process (a single rank: no process group is started)."""
-    from star.profile import main
+    from star.profiling.cli import main
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
