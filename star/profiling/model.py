@@ -172,8 +172,8 @@ def quick_check(name: str, *, batch: int | None, device: str, images_per_seq: in
     images = n if batch is None else batch * (n if batch_in_sequences else 1)
     settings = ModelProfileSettings(device=dev.type, batch_images=images, batches=1, warmup=0,
                                     precision="fp32", seed=seed)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # "cuda:1": the profile's tensors and memory counters follow
     result = profile_model(model, settings)
     if dev.type == "cuda":
         peak_mib, peak_kind = result["peak_memory_bytes"] / 2**20, "CUDA allocated"
