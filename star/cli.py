@@ -1,17 +1,21 @@
 """The `star` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module that exposes ``main(argv) -> int`` and builds its
-own argparse parser (``prog="star NAME"``). This file only routes, so ``star --help`` is
-instant and a broken optional dependency of one subcommand never breaks the others.
+Each subcommand lives in its own module that exposes ``main(argv) -> int`` (or the function
+named after a colon) and builds its own argparse parser (``prog="star NAME"``). This file only
+routes, so ``star --help`` is instant and a broken optional dependency of one subcommand never
+breaks the others.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
 
-# name -> (module exposing main(argv), one-line help). Order is the order of a user's day.
+from star import __version__
+
+# name -> ("module" or "module:function" taking argv, one-line help). Order is a user's day.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_prep.synth", "write a synthetic ImageNet-like ImageFolder tree (tests, demo)"),
     "shard": ("data_prep.shard", "shard an ImageFolder into globally shuffled WebDataset tars + DALI indexes"),
@@ -21,9 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("star.train.evaluate", "top-1 / top-5 of a checkpoint on the validation shards"),
     "probe": ("star.probe.cli", "k-NN / linear-probe accuracy of a pretrained encoder's frozen features"),
     "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
-    "profile": ("star.profile", "throughput of the data pipeline, the model and the training step"),
-    "demo": ("star.demo", "the whole pipeline end to end on CPU in minutes, with plots"),
-    "smoke": ("star.smoke", "one forward/backward of a model by name on random images (sanity check)"),
+    "profile": ("star.profiling.cli", "throughput of the data pipeline, the model and the training step; FLOPs"),
+    "demo": ("star.demo.run", "the whole pipeline end to end on CPU in minutes, with plots"),
+    "smoke": ("star.profiling.cli:smoke_main",
+              "one forward/backward of a model by name on random images (= star profile model --model NAME)"),
 }
 
 
@@ -47,14 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from star import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean `star {close[0]}`?)" if close else ""
         print(f"star: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     # small ops per call, and spinning workers starve each other whenever cores are shared
     # (several ranks per CPU node, data workers). No effect on GPU kernels.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class ScheduleConfig:
 
 @dataclass
 class MixupConfig:
-    """Fine-tuning label mixing (``star.augment.Mixup``); all zero disables it."""
+    """Fine-tuning label mixing (``star.train.mixup.Mixup``); all zero disables it."""
 
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -133,7 +133,7 @@ class Config:
     name: str = ""                 # preset the config was resolved from (informational)
     seed: int = 0
     device: str = "auto"           # auto (cuda if available) | cpu | cuda
-    ds_config: str = "auto"        # auto | a name in ds_configs/ | a path to a JSON file
+    ds_config: str = "auto"        # auto | a name in star/ds_configs/ | a path to a JSON file
     max_nonfinite_in_row: int = 20  # consecutive non-finite steps before the run stops
     init: str | None = None        # fine-tuning: run dir, exported file or ARM checkpoint
     init_allow_partial: bool = False  # fine-tuning: accept an init that leaves encoder params random

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from star import demo
-from star.demo_plots import moving_average, to_display
+from star.demo import run as demo
+from star.demo.plots import moving_average, to_display
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("training_curves", "finetune_accuracy", "predictions")

@@ -1,4 +1,4 @@
-"""Mixup / CutMix / label smoothing (star.augment) and the crop geometry (pipelines.sampling)
+"""Mixup / CutMix / label smoothing (star.train.mixup) and the crop geometry (pipelines.sampling)
 against hand computations."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.sampling import AugmentConfig, EpochPlan, eval_resize_crop, eval_roi, random_resized_crop, sample_params
-from star.augment import Mixup
+from star.train.mixup import Mixup
 
 
 def _batch():

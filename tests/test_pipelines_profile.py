@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from star import profile
+from star.profiling import cli as profile
 from tests.support.pipeline_fixtures import write_split
 
 

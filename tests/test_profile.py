@@ -112,7 +112,7 @@ def _check_model(model: dict, batch: int, peak: float) -> None:
 @pytest.fixture
 def in_process(monkeypatch):
     """`star profile` in this process (a single rank: no process group is started)."""
-    from star.profile import main
+    from star.profiling.cli import main
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
@@ -204,3 +204,15 @@ def test_bad_input_is_named(in_process, capsys, args, message):
 def test_step_without_shards_says_where_they_should_be(tmp_path, in_process, capsys):
     assert in_process(["step", "--config", "smoke", "--device", "cpu", "--data", str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere' / 'train.json'} does not exist; give --data DIR" in capsys.readouterr().err
+
+
+def test_profiling_builds_training_through_the_library_not_the_commands():
+    # `star profile step` builds its run with star.train.runtime.build_training; the command modules
+    # (option parsing of `star pretrain / finetune / eval / export`) are applications, not imported.
+    code = ("import sys, star.profiling.cli, star.train.runtime as r, star.profiling.step as s; "
+            "print(sorted(m for m in sys.modules if m in {'star.train.pretrain', 'star.train.finetune', "
+            "'star.train.evaluate', 'star.train.export'})); print(s.build_training is r.build_training)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"]

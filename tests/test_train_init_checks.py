@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from star.config import ConfigError, load_config
-from star.train.finetune import check_init_covers_encoder
+from star.train.init_weights import check_init_covers_encoder
 from star.train.runtime import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,13 +29,13 @@ def _pretrained(*overrides: str) -> dict:
 
 
 def test_a_matching_pretraining_checkpoint_passes():
-    report = check_init_covers_encoder(_cfg(), _pretrained())
+    report = check_init_covers_encoder(_cfg(), _pretrained(), build_model(_cfg()))
     assert "missing" in report.lower() or report  # the report is returned for the log
 
 
 def test_a_shallower_checkpoint_is_refused_with_a_table():
     with pytest.raises(ConfigError) as err:
-        check_init_covers_encoder(_cfg("model.depth=4"), _pretrained("model.depth=2"))
+        check_init_covers_encoder(_cfg("model.depth=4"), _pretrained("model.depth=2"), build_model(_cfg("model.depth=4")))
     message = str(err.value)
     assert "encoder parameters of" in message
     assert "layers.2.*" in message and "layers.3.*" in message and "all 40 tensors" in message, message
@@ -45,17 +45,17 @@ def test_a_shallower_checkpoint_is_refused_with_a_table():
 
 def test_partial_init_may_be_allowed():
     cfg = _cfg("model.depth=4", "init_allow_partial=true")
-    check_init_covers_encoder(cfg, _pretrained("model.depth=2"))
+    check_init_covers_encoder(cfg, _pretrained("model.depth=2"), build_model(cfg))
 
 
 def test_a_checkpoint_that_matches_no_key_is_refused():
     with pytest.raises(ConfigError, match="at random initialisation"):
-        check_init_covers_encoder(_cfg(), {"something.else": torch.zeros(3)})
+        check_init_covers_encoder(_cfg(), {"something.else": torch.zeros(3)}, build_model(_cfg()))
 
 
 def test_wrong_width_is_one_clear_error():
     with pytest.raises(ConfigError, match="does not fit model"):
-        check_init_covers_encoder(_cfg(), _pretrained("model.embed_dim=64"))
+        check_init_covers_encoder(_cfg(), _pretrained("model.embed_dim=64"), build_model(_cfg()))
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,6 @@ NAN_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from star.config import load_config
-from star.train.pretrain import make_pretrain_task
 from star.train.runtime import build_model, run_training
 
 nan_calls = {int(x) for x in sys.argv[2].split(",") if x}
@@ -90,7 +89,7 @@ class NanAt(torch.nn.Module):
         return out
 
 cfg = load_config("smoke", sys.argv[3:])
-sys.exit(run_training(cfg, Path(sys.argv[1]), make_pretrain_task, model_factory=lambda c: NanAt(build_model(c))))
+sys.exit(run_training(cfg, Path(sys.argv[1]), model_factory=lambda c: NanAt(build_model(c))))
 """
 
 

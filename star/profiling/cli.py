@@ -1,4 +1,9 @@
-"""`star profile model|step|all`: options, orchestration over ranks, report.
+"""`star profile WHAT` (the one entry of all profiling) and its alias `star smoke`.
+
+``data`` times the loader (star/profiling/data.py); ``model`` the forward + backward of the
+network on synthetic images, or with ``--model NAME`` a one-pass check of a registry model
+(what `star smoke` runs); ``step`` the whole DeepSpeed training step; ``all`` the three in one
+table; ``flops`` prints the analytic FLOPs per image of registry models (star/flops.py).
 
 Run on one GPU, or one process per GPU (srun / torchrun): every rank then times the model
 on its own GPU (rows per rank plus their sum), and the training step runs data-parallel over
@@ -11,10 +16,30 @@ import argparse
 import gc
 import sys
 from pathlib import Path
-from typing import Callable
 
-from star.config import Config, ConfigError, list_presets, load_config
-from star.train.distributed import all_gather_objects
+import torch
+
+from star import flops
+from star.config import Config, ConfigError, load_config
+from star.models import list_models
+from star.profiling.data import data_profile, run_data
+from star.profiling.machine import describe_machine, resolve_peak_tflops
+from star.profiling.model import ModelProfileSettings, format_quick_check, profile_model, quick_check
+from star.profiling.report import aggregate_model, print_report, projection, write_json
+from star.profiling.step import StepProfileSettings, profile_step
+from star.train.cli_common import add_config_argument, add_overrides_argument
+from star.train.distributed import (all_gather_objects, destroy, init_distributed, resolve_device,
+                                    resolve_dist_env)
+from star.train.runtime import build_model, seed_everything
+
+SUBCOMMANDS = {
+    "data": "images/s of the data loader (DALI or baseline) per rank and overall",
+    "model": "forward + backward of the model on synthetic images (images/s, tokens/s, MFU); "
+             "--model NAME: a one-pass check of a registry model",
+    "step": "the full training step with real data through DeepSpeed",
+    "all": "data pipeline, model and training step in one run and one table",
+    "flops": "analytic forward / training GFLOPs per image of registry models (nothing is built)",
+}
 
 WHAT_HELP = {
     "model": "forward + backward of the model on synthetic images: images/s, tokens/s, peak memory, "
@@ -25,12 +50,18 @@ WHAT_HELP = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _usage() -> str:
+    lines = ["usage: star profile {data,model,step,all,flops} [options]", "", "subcommands:"]
+    lines += [f"  {name:<6} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += ["", "Run `star profile WHAT --help` for the options of one."]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     """The options shared by `star profile model`, `step` and `all`."""
-    parser.add_argument("--config", required=True, metavar="NAME|PATH",
-                        help=f"preset name or YAML file. Presets: {', '.join(list_presets())}")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="config overrides, as for `star pretrain` (e.g. model.images_per_seq=4)")
+    add_config_argument(parser, required=config_required,
+                        when="" if config_required else " (or --model NAME for a quick check)")
+    add_overrides_argument(parser, "model.images_per_seq=4")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="where to run (default: the config's device; auto = cuda when a GPU is visible)")
     parser.add_argument("--batches", type=int, default=10, metavar="N",
@@ -62,9 +93,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every figure to this JSON file")
 
 
+def add_quick_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """`star profile model --model NAME` (and `star smoke`): a registry model with its defaults."""
+    parser.add_argument("--model", metavar="NAME",
+                        help=f"instead of --config: one float32 forward + backward of this registry model on "
+                             f"random images, printing loss, parameters, time, peak memory and the kernel path "
+                             f"(a check that it builds, fits and trains here). One of: {', '.join(list_models())}")
+    parser.add_argument("--images-per-seq", type=int, default=None, metavar="N",
+                        help="with --model: override N, the images per pretraining sequence")
+    parser.add_argument("--seed", type=int, default=0, help="with --model: seed of weights and images (default 0)")
+
+
 def build_parser(what: str, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or f"star profile {what}", description=WHAT_HELP[what])
-    add_arguments(parser)
+    add_arguments(parser, config_required=what != "model")
+    if what == "model":
+        add_quick_check_arguments(parser)
     return parser
 
 
@@ -78,26 +122,18 @@ def _load(args) -> Config:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
+    dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _free_device_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
-        import torch
-
         torch.cuda.empty_cache()
 
 
 def run_model_profile(cfg: Config, args, device: str) -> list[dict]:
     """This rank's model profile, gathered from all ranks (a list, rank order)."""
-    import torch
-
-    from star.profiling.model import ModelProfileSettings, profile_model
-    from star.train.runtime import build_model, seed_everything
-
     seed_everything(cfg.seed)
     if cfg.kind == "finetune" and cfg.model.num_classes is None:
         cfg.model.num_classes = 1000  # synthetic labels: ImageNet-1k's head
@@ -119,9 +155,6 @@ def run_model_profile(cfg: Config, args, device: str) -> list[dict]:
 
 
 def run_step_profile(cfg: Config, args, device: str, dist_env) -> dict:
-    from star.profiling.machine import resolve_peak_tflops
-    from star.profiling.step import StepProfileSettings, profile_step
-
     if args.batch_size:
         cfg.batch.micro_images = args.batch_size
         cfg.batch.global_images = args.batch_size * dist_env.world_size
@@ -137,14 +170,8 @@ def run_step_profile(cfg: Config, args, device: str, dist_env) -> dict:
     return result
 
 
-def run(what: str, args, data_profile: Callable | None = None) -> int:
-    """Profile ``what`` (model | step | all). ``data_profile(cfg, args, device, dist_env) -> dict``
-    is the data pipeline's profiler (star/profile.py), run first by ``all``; its dict may carry
-    images_per_s, batch_s and a one-line ``details`` for the table."""
-    from star.profiling.machine import describe_machine, resolve_peak_tflops
-    from star.profiling.report import aggregate_model, print_report, projection, write_json
-    from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
-
+def run(what: str, args) -> int:
+    """Profile ``what`` (model | step | all); ``all`` runs the data profile first."""
     prog = f"star profile {what}"
     bad = [f"{option} {value} (must be >= {low})" for option, value, low in
            (("--batches", args.batches, 1), ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
@@ -174,7 +201,7 @@ def run(what: str, args, data_profile: Callable | None = None) -> int:
         result["device_label"] = (f"{dist_env.world_size} x {machine['gpu_model']}" if device == "cuda"
                                   else f"CPU ({machine['cpu_model']}, {machine['cpus_usable']} cores usable)")
         result["peak_tflops_source"] = resolve_peak_tflops(device, args.peak_tflops)[1]
-        if what == "all" and data_profile is not None:
+        if what == "all":
             result["data"] = data_profile(cfg, args, device, dist_env)
         if what in ("model", "all"):
             per_rank = run_model_profile(cfg, args, device)
@@ -198,8 +225,78 @@ def run(what: str, args, data_profile: Callable | None = None) -> int:
     return 0
 
 
-def main(what: str, argv: list[str] | None = None, data_profile: Callable | None = None) -> int:
+def run_quick_check(prog: str, *, model: str, batch: int | None, device: str | None,
+                    images_per_seq: int | None, seed: int, batch_in_sequences: bool = False) -> int:
+    """Print the one-pass check of a registry model; 1 when its loss or gradients are not finite."""
+    if batch is not None and batch < 1:
+        print(f"{prog}: error: the batch must be at least 1, got {batch}", file=sys.stderr)
+        return 2
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check = quick_check(model, batch=batch, device=device, images_per_seq=images_per_seq, seed=seed,
+                            batch_in_sequences=batch_in_sequences)
+    except (ValueError, RuntimeError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_quick_check(check))
+    if not check["finite"]:
+        print(f"{prog}: loss or gradients are not finite", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`star profile WHAT [options]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(what).parse_intermixed_args(argv)
-    args.argv = argv
-    return run(what, args, data_profile)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    what, rest = argv[0], argv[1:]
+    if what == "data":
+        return run_data(rest)
+    if what == "flops":
+        return flops.main(rest)
+    if what not in WHAT_HELP:
+        print(f"star profile: unknown subcommand {what!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    parser = build_parser(what)
+    args = parser.parse_intermixed_args(rest)
+    args.argv = rest
+    if what == "model":
+        if (args.config is None) == (args.model is None):
+            parser.error("give either --config NAME|PATH (the profile) or --model NAME (a quick check)")
+        if args.model is not None:
+            if args.overrides:
+                parser.error(f"overrides {args.overrides} need --config; with --model the registry's defaults apply")
+            return run_quick_check("star profile model", model=args.model, batch=args.batch_size,
+                                   device=args.device, images_per_seq=args.images_per_seq, seed=args.seed)
+    return run(what, args)
+
+
+def build_smoke_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="star smoke",
+        description="Alias of `star profile model --model NAME`: one forward+backward of a model on random "
+                    "images; prints loss, parameters, time, peak memory and the kernel path.")
+    parser.add_argument("--model", required=True, metavar="NAME",
+                        help=f"model name, one of: {', '.join(list_models())}")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="pretraining forms: sequences (each holds images_per_seq images); "
+                             "fine-tuning forms: images (default: 1)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    parser.add_argument("--images-per-seq", type=int, default=None,
+                        help="override N, the images per pretraining sequence")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and images")
+    return parser
+
+
+def smoke_main(argv: list[str] | None = None) -> int:
+    """`star smoke`: the quick check of `star profile model --model NAME`, batch in sequences."""
+    args = build_smoke_parser().parse_args(argv)
+    return run_quick_check("star smoke", model=args.model, batch=args.batch, device=args.device,
+                           images_per_seq=args.images_per_seq, seed=args.seed, batch_in_sequences=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

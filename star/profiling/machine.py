@@ -18,6 +18,8 @@ import subprocess
 
 import torch
 
+from star.ops import describe_kernels
+
 # (regular expression on the device name, peak dense bf16 TFLOP/s, variant)
 PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
     (r"GH200", 989.0, "GH200 (H100 SXM class)"),
@@ -119,8 +121,6 @@ def describe_machine(device: str = "cpu") -> dict:
                     gpu_capability=f"{props.major}.{props.minor}", nvidia_driver=_nvidia_driver())
     else:
         info.update(gpu_model=None, gpu_count=0)
-    from star.ops import describe_kernels
-
     info["kernels"] = describe_kernels()
     return info
 

@@ -10,12 +10,19 @@ training (``torch_autocast`` in the DeepSpeed configs); on CPU in float32 unless
 from __future__ import annotations
 
 import contextlib
+import math
+import resource
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from star.flops import model_flops
+from star.models import StarClassifier, create_model
+from star.ops import kernel_backend_for
 from star.profiling.machine import resolve_peak_tflops
 from star.profiling.timing import PeakMemory, StageTimer, median_stages
 
@@ -36,8 +43,6 @@ class ModelProfileSettings:
 
 def synthetic_batch(model: torch.nn.Module, batch_images: int, device: str, seed: int):
     """(images, labels or None) shaped for the model; labels only for a classifier."""
-    from star.models import StarClassifier
-
     generator = torch.Generator().manual_seed(seed)
     size = model.patch_embed.img_size
     images = torch.randn(batch_images, 3, size, size, generator=generator).to(device)
@@ -67,8 +72,6 @@ def model_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def profile_model(model: torch.nn.Module, settings: ModelProfileSettings) -> dict:
     """Time forward and backward of ``model`` (already on the device, in train mode)."""
-    from star.ops import kernel_backend_for
-
     s = settings
     if s.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
@@ -88,6 +91,8 @@ def profile_model(model: torch.nn.Module, settings: ModelProfileSettings) -> dic
         timer.mark("forward")
         loss.backward()
         timer.mark("backward")
+        if i == s.warmup + s.batches - 1:  # the last pass: are its gradients finite (untimed)
+            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         model.zero_grad(set_to_none=True)
         durations = timer.durations()
         if i >= s.warmup:
@@ -113,6 +118,7 @@ def profile_model(model: torch.nn.Module, settings: ModelProfileSettings) -> dic
         "tokens_per_image": count.tokens_per_image,
         "tokens_per_s": images_per_s * count.tokens_per_image,
         "loss": loss_value,
+        "grads_finite": grads_finite,
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": memory.kind,
@@ -131,10 +137,6 @@ def record_trace(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     """One more forward + backward under ``torch.profiler`` (after the timed ones, so it does
     not disturb them): a Chrome / Perfetto trace at ``s.trace`` and, beside it (.txt), the
     operators sorted by their own time on the device (CUDA) or the host (CPU)."""
-    from pathlib import Path
-
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device == "cuda" else [])
     with profile(activities=activities) as prof:
         with autocast(s.device, amp_dtype):
@@ -150,3 +152,53 @@ def record_trace(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     table = path.with_suffix(".txt")
     table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=25) + "\n")
     return {"chrome_trace": str(path), "top_operators": str(table), "sorted_by": sort_by}
+
+
+def quick_check(name: str, *, batch: int | None, device: str, images_per_seq: int | None = None,
+                seed: int = 0, batch_in_sequences: bool = False) -> dict:
+    """`star profile model --model NAME` (alias `star smoke`): build a registry model with its
+    defaults and run one float32 forward + backward on random images, a check that it builds,
+    fits and trains on this machine. ``batch`` counts images, or with ``batch_in_sequences``
+    sequences of N images for a pretraining model (a classifier's batch is always images); None
+    means one sequence (pretraining) or one image (classifier). Raises ValueError for an unknown model, a bad batch or a missing GPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine; use --device cpu")
+    torch.manual_seed(seed)
+    model = create_model(name, **({} if images_per_seq is None else {"images_per_seq": images_per_seq}))
+    model = model.to(dev).train()
+    classifier = isinstance(model, StarClassifier)
+    n = 1 if classifier else model.packing.images_per_seq
+    images = n if batch is None else batch * (n if batch_in_sequences else 1)
+    settings = ModelProfileSettings(device=dev.type, batch_images=images, batches=1, warmup=0,
+                                    precision="fp32", seed=seed)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # "cuda:1": the profile's tensors and memory counters follow
+    result = profile_model(model, settings)
+    if dev.type == "cuda":
+        peak_mib, peak_kind = result["peak_memory_bytes"] / 2**20, "CUDA allocated"
+    else:  # the whole process (weights and Python included); ru_maxrss is in KiB on Linux
+        peak_mib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS"
+    size = model.patch_embed.img_size
+    out = {"name": name, "class": type(model).__name__, "classifier": classifier, "images": settings.batch_images,
+           "img_size": size, "loss": result["loss"], "parameters": result["parameters"],
+           "fwd_bwd_s": result["step_s"], "peak_mib": peak_mib, "peak_kind": peak_kind,
+           "kernels": result["mamba_path"], "finite": math.isfinite(result["loss"]) and result["grads_finite"]}
+    if not classifier:
+        out.update(sequences=settings.batch_images // n, seq_len=model.layout.seq_len, layout=model.layout.pattern())
+    return out
+
+
+def format_quick_check(c: dict) -> str:
+    """The quick check as aligned ``name  value`` lines."""
+    lines = [f"model        {c['name']} ({c['class']})",
+             f"input        {c['images']} images of {c['img_size']}x{c['img_size']}"
+             + ("" if c["classifier"] else f", {c['sequences']} sequence(s) of {c['seq_len']} tokens")]
+    if not c["classifier"]:
+        lines.append(f"layout       {c['layout']} (S separator, C image cluster)")
+    lines += [f"loss         {c['loss']:.4f}",
+              f"parameters   {c['parameters'] / 1e6:.2f} M",
+              f"fwd+bwd      {c['fwd_bwd_s']:.2f} s",
+              f"peak memory  {c['peak_mib']:.0f} MiB ({c['peak_kind']})",
+              f"kernels      {c['kernels']}"]
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The whole training step: real batches from the configured loader through the DeepSpeed
-engine the trainer builds (same batch plan, JSON config, precision and parameter groups).
+engine the trainer builds (``star.train.runtime.build_training``: the same batch plan, JSON
+config, precision, parameter groups, seeds and task).
 
 One optimizer step is ``accum_steps`` micro-steps, each: wait for the next batch, forward
 (the task's loss), backward, ``engine.step()``; the last ``engine.step()`` of the step runs
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 from star.config import Config
 from star.flops import model_flops
 from star.profiling.timing import PeakMemory, StageTimer
+from star.train.distributed import DistEnv
+from star.train.ema import ModelEma
+from star.train.engine import set_lr
+from star.train.runtime import build_training
+from star.train.schedule import scaled_lr
 
 
 @dataclass(frozen=True)
@@ -35,51 +41,12 @@ def _endless(loader):
         yield from loader.epoch(epoch)
 
 
-def build_training(cfg: Config, device: str, dist_env):
-    """(engine, task, plan) exactly as ``run_training`` builds them, without the Trainer."""
-    from star.train.engine import autocast_dtype, build_ds_config, build_engine, plan_batches, resolve_ds_config_path
-    from star.train.param_groups import layer_decay_groups, strip_names, weight_decay_groups
-    from star.train.runtime import build_model, seed_everything
-
-    plan = plan_batches(cfg, dist_env.world_size)
-    ds = build_ds_config(resolve_ds_config_path(cfg.ds_config, device), plan, cfg.optim.grad_clip)
-    seed_everything(cfg.seed)
-    if cfg.kind == "finetune":
-        from star.train.finetune import fill_num_classes
-
-        fill_num_classes(cfg)
-    model = build_model(cfg).to(device)
-    if cfg.optim.layer_decay is not None:
-        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    else:
-        groups = weight_decay_groups(model, cfg.optim.weight_decay)
-    engine = build_engine(model, strip_names(groups), cfg, ds)
-    seed_everything(cfg.seed + 1000 * dist_env.rank + 1)
-    amp = autocast_dtype(ds)
-    if cfg.kind == "pretrain":
-        from star.train.pretrain import make_pretrain_task
-
-        task = make_pretrain_task(cfg, engine.module, dist_env, device, plan, amp)
-    else:
-        from star.train.finetune import FinetuneTask
-        from star.train.runtime import build_data_loader
-
-        train = build_data_loader(cfg, "finetune", cfg.data.train_split, plan.micro_images,
-                                  rank=dist_env.rank, world_size=dist_env.world_size, device=device)
-        task = FinetuneTask(cfg, ".", engine.module, train, None, device=device, amp_dtype=amp,
-                            is_main=dist_env.is_main, seed=cfg.seed + 7919 * dist_env.rank)
-    return engine, task, plan, ds
-
-
-def profile_step(cfg: Config, device: str, dist_env, settings: StepProfileSettings) -> dict:
+def profile_step(cfg: Config, device: str, dist_env: DistEnv, settings: StepProfileSettings) -> dict:
     """Time ``settings.batches`` optimizer steps after ``settings.warmup`` untimed ones."""
-    from star.train.ema import ModelEma
-    from star.train.engine import set_lr
-    from star.train.schedule import scaled_lr
-
     if settings.batches < 1 or settings.warmup < 0:
         raise ValueError(f"need batches >= 1 and warmup >= 0, got {settings.batches}, {settings.warmup}")
-    engine, task, plan, ds = build_training(cfg, device, dist_env)
+    parts = build_training(cfg, dist_env, device)  # no run dir: no init weights, no validation loader
+    engine, task, plan, ds = parts.engine, parts.task, parts.plan, parts.ds_config
     set_lr(engine.optimizer, scaled_lr(cfg.optim.base_lr, plan.global_images))
     ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
     batches = _endless(task.train_loader)

@@ -29,7 +29,8 @@ import torch
 
 from star.config import Config, ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Shipped inside the package (package data), so an installed wheel resolves ds_config=auto too.
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 DEFAULT_DS_CONFIG = {"cuda": "zero2_bf16", "cpu": "cpu_zero2_fp32"}
 # Mamba parameters kept out of bf16 gradient communication, in every scan direction of the
 # fine-tuning model too (A_log, A_b_log, A_c_b_log; D, D_c; dt_proj.bias, dt_proj_c_b.bias).
@@ -103,7 +104,7 @@ def build_ds_config(path: Path, plan: BatchPlan, grad_clip: float) -> dict:
         if ds.get(mode, {}).get("enabled"):
             raise ConfigError(f"{path} enables DeepSpeed `{mode}`, which casts the whole model including "
                               f"the Mamba A_log / D / dt bias; use `torch_autocast` "
-                              f"({{\"enabled\": true, \"dtype\": \"bfloat16\"}}) as in ds_configs/zero2_bf16.json")
+                              f"({{\"enabled\": true, \"dtype\": \"bfloat16\"}}) as in star/ds_configs/zero2_bf16.json")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
         raise ConfigError(f"{path}: zero_optimization.stage={stage}; use 1 or 2. The trainer relies on "

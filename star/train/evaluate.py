@@ -13,67 +13,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, *, device: str, amp_dtype: torch.dtype | None = None,
-             epoch: int = 0) -> dict:
-    """{"top1", "top5" (percent), "images"} over the whole split, summed over ranks."""
-    from star.train.distributed import all_gather_objects, all_reduce_sum
-
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = count = 0.0
-    device_type = torch.device(device).type
-    autocast = torch.autocast(device_type=device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    try:
-        for batch in loader.epoch(epoch):
-            with autocast:
-                logits = model(batch.images)
-            valid = batch.valid.bool()
-            labels = batch.labels[valid]
-            top5 = logits[valid].float().topk(min(5, logits.shape[-1]), dim=-1).indices
-            hits = top5 == labels[:, None]
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=-1).sum().item()
-            count += valid.sum().item()
-    finally:
-        model.train(was_training)
-    correct1, correct5, count = all_reduce_sum([correct1, correct5, count], device)
-    # Corrupt samples skipped under data.on_corrupt=skip (valid=False like the padding), counted
-    # once each across ranks: the accuracy is over the remaining images.
-    names = loader.stats().get("corrupt_samples", []) if hasattr(loader, "stats") else []
-    skipped = sorted(set().union(*map(set, all_gather_objects(list(names)))))
-    return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1),
-            "images": int(count), "skipped_corrupt": len(skipped), "skipped_samples": skipped}
+from star.config import ConfigError, load_config, read_yaml_file
+from star.train.cli_common import add_config_argument, add_overrides_argument, command_parser
+from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+from star.train.engine import autocast_dtype, resolve_ds_config_path
+from star.train.runtime import build_data_loader, build_model
+from star.train.validation import evaluate
+from star.train.weights import consolidate_run, read_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="star eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("star eval", __doc__)
     parser.add_argument("--ckpt", required=True, metavar="PATH",
                         help="a `star finetune` run dir (its newest checkpoint and config.yaml), its best.pth, "
                              "or a weights file (exported, or a state dict under 'model')")
     parser.add_argument("--data", required=True, metavar="DIR", help="shard directory holding val.json")
-    parser.add_argument("--config", metavar="NAME|PATH",
-                        help="config naming the model (default: the run dir's config.yaml; needed for a file)")
+    add_config_argument(parser, when=" naming the model (default: the run dir's config.yaml; needed for a file)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (run dir or best.pth)")
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per rank per batch (default 64)")
     parser.add_argument("--backend", choices=("dali", "baseline"), help="loader backend (default: the config's)")
     parser.add_argument("--num-threads", type=int, help="decoding threads per rank (default: the config's)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
+    add_overrides_argument(parser, "model.num_classes=1000")
     return parser
 
 
 def _weights(ckpt: Path, ema: bool) -> dict:
-    from star.train.weights import consolidate_run, read_weights
-
     if ckpt.is_dir():
         return consolidate_run(ckpt, ema=ema)
     if ema:
@@ -88,11 +58,6 @@ def _weights(ckpt: Path, ema: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from star.config import ConfigError, load_config, read_yaml_file
-    from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
-    from star.train.engine import autocast_dtype, resolve_ds_config_path
-    from star.train.runtime import build_data_loader, build_model
-
     ckpt = Path(args.ckpt)
     try:
         run_config = ckpt / "config.yaml" if ckpt.is_dir() else ckpt.parent / "config.yaml"

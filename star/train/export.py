@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from star.train.cli_common import command_parser
+from star.train.weights import consolidate_run
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="star export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("star export", __doc__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of `star pretrain` or `star finetune`")
     parser.add_argument("--out", required=True, metavar="FILE", help="output .pth file")
     parser.add_argument("--tag", metavar="step_NNNNNNNNN",
@@ -27,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from star.train.weights import consolidate_run
-
     try:
         state = consolidate_run(args.run_dir, tag=args.tag, ema=args.ema)
     except (FileNotFoundError, ValueError) as exc:

@@ -1,18 +1,31 @@
 """What `star pretrain` and `star finetune` share: run-dir config resolution, seeding, model
-and loader construction, and the DeepSpeed bring-up around the Trainer."""
+and loader construction, :func:`build_training` (a run's parts, also used by `star profile
+step`) and :func:`run_training` (the DeepSpeed bring-up around the Trainer)."""
 
 from __future__ import annotations
 
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from pipelines import build_loader
 from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
+from star.train.distributed import DistEnv, destroy, init_distributed, resolve_device
+from star.train.engine import (BatchPlan, autocast_dtype, build_ds_config, build_engine, plan_batches,
+                               resolve_ds_config_path)
+from star.train.loop import Trainer
+from star.train.param_groups import layer_decay_groups, strip_names, weight_decay_groups
+from star.train.seeds import mixup_seed, rank_stream_seed, weights_seed
+from star.train.stopping import StopFlag
+from star.train.checkpoint import Checkpointer
+from star.train.init_weights import check_init_covers_encoder, read_init_state
+from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
@@ -92,8 +105,6 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 def build_data_loader(cfg: Config, mode: str, split: str, batch_size: int, *, rank: int, world_size: int,
                       device: str, data_dir: str | None = None):
-    from pipelines import build_loader
-
     return build_loader(mode, data_dir or cfg.data.dir, split=split, batch_size=batch_size,
                         image_size=cfg.model.img_size, rank=rank, world_size=world_size, seed=cfg.seed,
                         backend=cfg.data.backend, num_threads=cfg.data.num_threads, device=device,
@@ -120,59 +131,86 @@ def check_data(cfg: Config, splits: list[str]) -> None:
                               f"batch.global_images (and batch.micro_images) or use more data")
 
 
-def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
-                 model_factory: Callable[[Config], torch.nn.Module] = build_model,
-                 prepare_model: Callable | None = None) -> int:
-    """Bring up distributed + DeepSpeed, build everything, train; return the exit code.
+@dataclass
+class TrainingParts:
+    """What :func:`build_training` returns: everything a training run (or the step profiler) drives."""
 
-    ``make_task(cfg, model, dist_env, device, plan, amp_dtype)`` returns the Task; ``prepare_model(model)``
-    runs after construction (fine-tuning loads the pretrained weights there).
+    engine: Any                  # the DeepSpeed engine; engine.module is the model
+    task: PretrainTask | FinetuneTask
+    plan: BatchPlan
+    ds_config: dict              # the filled DeepSpeed JSON
+    amp_dtype: torch.dtype | None
+    device: str                  # "cpu" or this rank's "cuda:N"
+    train_loader: Any
+    val_loader: Any | None       # fine-tuning's evaluation split; None otherwise or when profiling
+
+
+def build_training(cfg: Config, dist_env: DistEnv, device: str, run_dir: Path | None = None, *,
+                   model_factory: Callable[[Config], torch.nn.Module] = build_model,
+                   init_state: dict | None = None) -> TrainingParts:
+    """Build a run's parts in their fixed order (the order fixes the random streams, see
+    star/train/seeds.py): batch plan, DeepSpeed JSON, model (fine-tuning: with its ``init``
+    weights), engine, loaders, task. The process group must be up (``init_distributed``).
+
+    ``run_dir`` None builds what the step profiler times: no init weights, no validation loader.
     """
-    from star.train.distributed import destroy, init_distributed, resolve_device
-    from star.train.engine import (autocast_dtype, build_ds_config, build_engine, plan_batches,
-                                   resolve_ds_config_path)
-    from star.train.loop import Trainer
-    from star.train.param_groups import layer_decay_groups, strip_names, weight_decay_groups
-    from star.train.stopping import StopFlag
+    if device.startswith("cuda"):
+        device = f"cuda:{dist_env.local_rank}"  # loaders and collectives on this rank's GPU
+    if cfg.kind == "finetune":
+        fill_num_classes(cfg)
+    plan = plan_batches(cfg, dist_env.world_size)
+    ds = build_ds_config(resolve_ds_config_path(cfg.ds_config, device.split(":")[0]), plan, cfg.optim.grad_clip)
+    seed_everything(weights_seed(cfg.seed))
+    model = model_factory(cfg)
+    if cfg.kind == "finetune" and run_dir is not None:
+        load_init_weights(model, cfg, run_dir, verbose=dist_env.is_main, state=init_state)
+    model.to(device)
+    if cfg.optim.layer_decay is not None:
+        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    else:
+        groups = weight_decay_groups(model, cfg.optim.weight_decay)
+    engine = build_engine(model, strip_names(groups), cfg, ds)
+    seed_everything(rank_stream_seed(cfg.seed, dist_env.rank))
+    amp = autocast_dtype(ds)
+    common = dict(rank=dist_env.rank, world_size=dist_env.world_size, device=device)
+    train = build_data_loader(cfg, cfg.kind, cfg.data.train_split, plan.micro_images, **common)
+    val = None
+    if cfg.kind == "pretrain":
+        task = PretrainTask(train)
+    else:
+        if run_dir is not None:
+            val = build_data_loader(cfg, "eval", cfg.data.val_split, plan.micro_images, **common)
+        task = FinetuneTask(cfg, run_dir, engine.module, train, val, device=device, amp_dtype=amp,
+                            is_main=dist_env.is_main, seed=mixup_seed(cfg.seed, dist_env.rank))
+    return TrainingParts(engine=engine, task=task, plan=plan, ds_config=ds, amp_dtype=amp, device=device,
+                         train_loader=train, val_loader=val)
 
+
+def run_training(cfg: Config, run_dir: Path, *,
+                 model_factory: Callable[[Config], torch.nn.Module] = build_model) -> int:
+    """Bring up distributed + DeepSpeed, build the run (:func:`build_training`), train; return the
+    exit code. ``model_factory(cfg)`` builds the network (tests wrap it)."""
     check_data(cfg, [cfg.data.train_split] + ([cfg.data.val_split] if cfg.kind == "finetune" else []))
-    from star.train.checkpoint import Checkpointer
-
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
+    init_state = None
+    if needs_init(cfg, run_dir):  # read and check --init before DeepSpeed starts (seconds, not minutes)
+        fill_num_classes(cfg)
+        init_state = read_init_state(cfg)
+        check_init_covers_encoder(cfg, init_state, model_factory(cfg))
     device = resolve_device(cfg.device)
-    ds_path = resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
+    resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job
     try:
         dist_env = init_distributed(device)
-        if device == "cuda":
-            device = f"cuda:{dist_env.local_rank}"  # loaders and collectives on this rank's GPU
-        plan = plan_batches(cfg, dist_env.world_size)
-        ds = build_ds_config(ds_path, plan, cfg.optim.grad_clip)
+        plan_batches(cfg, dist_env.world_size)  # a batch that does not divide fails before the run dir is written
         if dist_env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = model_factory(cfg)
-        if prepare_model is not None:
-            prepare_model(model)
-        model.to(device)
-        if cfg.optim.layer_decay is not None:
-            groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        else:
-            groups = weight_decay_groups(model, cfg.optim.weight_decay)
-        engine = build_engine(model, strip_names(groups), cfg, ds)
-        seed_everything(cfg.seed + 1000 * dist_env.rank + 1)  # per-rank streams (drop path, mixup)
-        task = make_task(cfg, engine.module, dist_env, device, plan, autocast_dtype(ds))
-        trainer = Trainer(cfg, run_dir, engine=engine, loader=task.train_loader, task=task, plan=plan,
-                          dist_env=dist_env, device=device)
+        parts = build_training(cfg, dist_env, device, run_dir, model_factory=model_factory,
+                               init_state=init_state)
+        trainer = Trainer(cfg, run_dir, engine=parts.engine, loader=parts.train_loader, task=parts.task,
+                          plan=parts.plan, dist_env=dist_env, device=parts.device)
         return trainer.fit(stop)
     finally:
         stop.uninstall()
         destroy()
-
-
-def cli_error(prog: str, exc: Exception) -> int:
-    from star.train import EXIT_USAGE
-
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return EXIT_USAGE

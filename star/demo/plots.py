@@ -12,6 +12,12 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
+import yaml
+
+from pipelines import build_loader
+from star.config import load_config
+from star.train.runtime import build_model
 
 FIGURE_DPI = 110
 RUN_STYLES = {"pretrained": {"color": "tab:blue", "label": "from STAR pretraining"},
@@ -118,8 +124,6 @@ def plot_accuracy(evals: dict[str, list[dict]], num_classes: int, out: Path) -> 
 
 def to_display(images, mean, std) -> np.ndarray:
     """Normalised (B, 3, S, S) tensor -> (B, S, S, 3) floats in [0, 1] for imshow."""
-    import torch
-
     x = images.detach().float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -167,13 +171,6 @@ def predict_clusters(run_config: Path, weights: Path, shards: Path, *, sequences
     Returns ``{"inputs", "predicted"}`` ((B, S, S, 3) in [0, 1]), ``images_per_seq``,
     ``cluster_px`` and ``patch_px`` (cluster and patch sides in pixels).
     """
-    import torch
-    import yaml
-
-    from pipelines import build_loader
-    from star.config import load_config
-    from star.train.runtime import build_model
-
     cfg = load_config(base=yaml.safe_load(Path(run_config).read_text()))
     model = build_model(cfg)
     state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -41,8 +41,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from star.config import ConfigError, load_config
+from star.demo import plots
+
 MARKER = ".star-demo"  # marks a directory written by `star demo` (so --force may replace it)
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds star/, data_prep/, pipelines/
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds star/, data_prep/, pipelines/
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,7 @@ class StageRunner:
 
 def training_facts(run_dir: Path) -> dict:
     """Steps, losses and throughput of a training run, from its metrics.jsonl."""
-    from star.demo_plots import read_jsonl
-
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = plots.read_jsonl(run_dir / "metrics.jsonl")
     if not records:
         raise DemoError(f"{run_dir / 'metrics.jsonl'} is empty: the run took no step")
     step_time = sum(r["step_time"] for r in records)
@@ -219,9 +220,7 @@ def training_facts(run_dir: Path) -> dict:
 
 
 def finetune_facts(run_dir: Path, final_eval: Path) -> dict:
-    from star.demo_plots import read_jsonl
-
-    evals = read_jsonl(run_dir / "eval.jsonl")
+    evals = plots.read_jsonl(run_dir / "eval.jsonl")
     final = json.loads(final_eval.read_text())
     facts = training_facts(run_dir)
     facts.update(top1=final["top1"], top5=final["top5"], eval_images=final["images"],
@@ -256,8 +255,6 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 def build_stages(out: Path, budget: Budget, seed: int) -> dict[str, Stage]:
-    from star.config import load_config
-
     images, shards, runs = out / "data" / "images", out / "data" / "shards", out / "runs"
     n_train, n_val = budget.classes * budget.train_per_class, budget.classes * budget.val_per_class
     common = [f"data.dir={shards}", f"seed={seed}"]
@@ -311,8 +308,6 @@ def build_stages(out: Path, budget: Budget, seed: int) -> dict[str, Stage]:
 
 
 def make_figures(out: Path, num_classes: int) -> dict[str, str]:
-    from star import demo_plots as plots
-
     runs = out / "runs"
     finetunes = {"pretrained": runs / "finetune_pretrained", "scratch": runs / "finetune_scratch"}
     figures = {
@@ -418,7 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from star.config import ConfigError
 
     console = Console(highlight=False)
     try:

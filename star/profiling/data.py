@@ -1,34 +1,26 @@
-"""`star profile WHAT`: throughput of the data pipeline (``data``), the model (``model``), the
-training step (``step``) or all three (``all``).
+"""`star profile data`: throughput of the data pipeline.
 
-``data`` is implemented here: it times ``pipelines.build_loader`` as training builds it and
-reports images/s per rank and over all ranks (run one process per GPU with srun / torchrun to
-time a whole node: each rank reads its own part, the table sums them). ``model``, ``step``
-and ``all`` live in ``star.profiling``; ``all`` calls :func:`data_profile` first.
+Times ``pipelines.build_loader`` as training builds it and reports images/s per rank and over
+all ranks (run one process per GPU with srun / torchrun to time a whole node: each rank reads
+its own part, the table sums them). `star profile all` calls :func:`data_profile` first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 
-from star.train.distributed import all_gather_objects
+import torch
+from rich.console import Console
+from rich.table import Table
 
-SUBCOMMANDS = {
-    "data": "images/s of the data loader (DALI or baseline) per rank and overall",
-    "model": "forward + backward of the model on synthetic images (images/s, tokens/s, MFU)",
-    "step": "the full training step with real data through DeepSpeed",
-    "all": "data pipeline, model and training step in one run and one table",
-}
-
-
-def _usage() -> str:
-    lines = ["usage: star profile {data,model,step,all} [options]", "", "subcommands:"]
-    lines += [f"  {name:<6} {text}" for name, text in SUBCOMMANDS.items()]
-    lines += ["", "Run `star profile WHAT --help` for the options of one."]
-    return "\n".join(lines)
+from pipelines import build_loader
+from star.config import load_config
+from star.train.cli_common import add_overrides_argument
+from star.train.distributed import all_gather_objects, destroy, init_distributed, resolve_dist_env
 
 
 def build_data_parser() -> argparse.ArgumentParser:
@@ -38,7 +30,7 @@ def build_data_parser() -> argparse.ArgumentParser:
                     "from --config (the data section, model.img_size, batch.micro_images, seed) or from "
                     "--data/--mode/--batch-size/--image-size; explicit options override the config.")
     parser.add_argument("--config", metavar="NAME|PATH", help="preset name or YAML file (see `star pretrain --help`)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (with --config)")
+    add_overrides_argument(parser, "data.num_threads=4 (with --config)")
     parser.add_argument("--data", metavar="DIR", help="shard directory (default: the config's data.dir)")
     parser.add_argument("--mode", choices=("pretrain", "finetune", "eval"),
                         help="pipeline to time (default: the config's kind, else pretrain)")
@@ -65,8 +57,6 @@ def _settings(args) -> dict:
     s = {"data_dir": None, "mode": "pretrain", "batch_size": 64, "image_size": 192, "backend": "dali",
          "num_threads": 2, "seed": 0, "on_corrupt": "error", "loader_kwargs": {}, "config": None}
     if args.config:
-        from star.config import load_config
-
         cfg = load_config(args.config, list(args.overrides))
         s.update(data_dir=cfg.data.dir, mode=cfg.kind, batch_size=cfg.batch.micro_images,
                  image_size=cfg.model.img_size, backend=cfg.data.backend, num_threads=cfg.data.num_threads,
@@ -86,8 +76,6 @@ def _settings(args) -> dict:
 
 def time_loader(loader, batches: int, warmup: int, device: str) -> dict:
     """Per-batch wall times of ``batches`` batches after ``warmup``, cycling epochs as needed."""
-    import torch
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -116,15 +104,11 @@ def time_loader(loader, batches: int, warmup: int, device: str) -> dict:
 
 
 def _default_device(local_rank: int) -> str:
-    import torch
-
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def data_profile(cfg, args, device: str, dist_env) -> dict:
     """For `star profile all` (star.profiling.cli): this loader's images/s summed over ranks."""
-    from pipelines import build_loader
-
     batch = getattr(args, "batch_size", None) or cfg.batch.micro_images
     dev = f"cuda:{dist_env.local_rank}" if device == "cuda" else device
     loader = build_loader(cfg.kind, cfg.data.dir, split=cfg.data.train_split, batch_size=batch,
@@ -140,11 +124,6 @@ def data_profile(cfg, args, device: str, dist_env) -> dict:
 
 
 def run_data(argv: list[str] | None) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
     parser = build_data_parser()
     args = parser.parse_args(argv)
     if args.batches < 1 or args.warmup < 0:
@@ -153,9 +132,6 @@ def run_data(argv: list[str] | None) -> int:
         s = _settings(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from pipelines import build_loader
-    from star.train.distributed import destroy, init_distributed, resolve_dist_env
-
     dist_env = resolve_dist_env()
     device = args.device or _default_device(dist_env.local_rank)
     distributed = dist_env.world_size > 1
@@ -195,23 +171,3 @@ def run_data(argv: list[str] | None) -> int:
                        "images_per_s": overall}, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    what, rest = argv[0], argv[1:]
-    if what == "data":
-        return run_data(rest)
-    if what in SUBCOMMANDS:
-        from star.profiling.cli import main as profile_main
-
-        return profile_main(what, rest, data_profile=data_profile)
-    print(f"star profile: unknown subcommand {what!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
