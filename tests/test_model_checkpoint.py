@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from star.models import create_model
+from star.models import create_model, from_arm_state_dict, to_arm_state_dict
 
 # Official ARM pretraining state dict (github OliverRensu/ARM, models_pretrain.py,
 # arm_base_pz16): names and shapes written out from that code. D = 768, d_inner = 768
@@ -54,21 +54,36 @@ def arm_base():
 
 def test_official_arm_checkpoint_loads_without_missing_or_unexpected_keys(arm_base):
     state = arm_base_state_dict()
-    assert set(arm_base.state_dict()) == set(state) - {"mask"}
+    # our names are ARM's once mapped at the boundary (the decoder is one submodule in memory)
+    assert set(to_arm_state_dict(arm_base.state_dict())) == set(state) - {"mask"}
     with pytest.warns(UserWarning, match="'mask' buffer"):  # ARM's cached mask: reported, ignored
         result = arm_base.load_state_dict(state, strict=True)  # strict: raises on any mismatch
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(arm_base.layers[7].mixer.A_log, state["layers.7.mixer.A_log"])
-    torch.testing.assert_close(arm_base.dec_block[2].attn2.kv.weight, state["dec_block.2.attn2.kv.weight"])
+    torch.testing.assert_close(arm_base.decoder.blocks[2].attn2.kv.weight, state["dec_block.2.attn2.kv.weight"])
+    torch.testing.assert_close(arm_base.decoder.feature_norms[3].bias, state["norm_4.bias"])
+    torch.testing.assert_close(arm_base.decoder.ar_token, state["ar_token"])
     torch.testing.assert_close(arm_base.pos_embed, state["pos_embed"])
+    # the round trip: what `star export` writes is exactly ARM's file (mask aside)
+    exported = to_arm_state_dict(arm_base.state_dict())
+    assert all(torch.equal(exported[k], state[k]) for k in exported)
+
+
+def test_arm_name_mapping_is_a_bijection_on_every_pretraining_form():
+    for name in ("star_tiny_pz8", "arm_tiny_pz8"):
+        ours = create_model(name, embed_dim=32, depth=4, decoder_dim=32, sep_value="embedding").state_dict()
+        arm = to_arm_state_dict(ours)
+        assert len(arm) == len(ours) and not any(k.startswith("decoder.") for k in arm)
+        assert list(from_arm_state_dict(arm)) == list(ours)  # same keys, same order
+        assert from_arm_state_dict(ours).keys() == ours.keys()  # our own names pass unchanged
 
 
 def test_parameter_counts_match_the_paper(arm_base):
     encoder = sum(p.numel() for n, p in arm_base.named_parameters() if n.startswith(("patch_embed", "layers")))
-    assert 79.0e6 <= encoder <= 80.5e6  # SPEC: "the pretraining encoder about 79 M"
+    assert 79.0e6 <= encoder <= 80.5e6  # ARM paper: the pretraining encoder about 79 M
     finetune = create_model("arm_base_pz16_ft")
     total = sum(p.numel() for p in finetune.parameters())
-    assert abs(total - 85e6) < 1e6, total  # SPEC: ARM-B fine-tuning form about 85 M
+    assert abs(total - 85e6) < 1e6, total  # ARM paper: ARM-B fine-tuning form about 85 M
     # ARM's fine-tuning names (models_finetune.py / mamba_simple.py, bimamba "v3"): the
     # pretraining layer keys plus suffixed copies _b, _c, _c_b of the per-direction tensors
     per_direction = ("mixer.conv1d{}.weight", "mixer.conv1d{}.bias", "mixer.x_proj{}.weight",
@@ -84,7 +99,7 @@ def test_parameter_counts_match_the_paper(arm_base):
 @pytest.mark.parametrize("name,cls_index", [("star_tiny_pz8_ft", 196), ("arm_tiny_pz8_ft", 98)])
 def test_load_pretrained_interpolates_pos_embed_and_fills_all_four_scans(name, cls_index):
     torch.manual_seed(0)
-    pretrained = create_model(name.replace("_ft", "")).state_dict()
+    pretrained = to_arm_state_dict(create_model(name.replace("_ft", "")).state_dict())  # an exported file
     model = create_model(name)
     cls_slot_before = model.pos_embed[0, cls_index].detach().clone()
     report = model.load_pretrained(pretrained, verbose=False)

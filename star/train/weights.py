@@ -1,9 +1,12 @@
 """Plain state dicts in and out of runs: consolidate a run's ZeRO checkpoint, read weight files.
 
 A run's checkpoint keeps the fp32 weights partitioned over ranks (ZeRO's optimizer shards);
-``consolidate_run`` rebuilds one full float32 state dict with the model's own parameter names
-(which are ARM's), plus the buffers, in the module's order. Weight files are read with
-``weights_only=True`` (safe for files from elsewhere, e.g. ARM's ``checkpoint-1599.pth``).
+``consolidate_run`` rebuilds one full float32 state dict, parameters and buffers in the
+module's order. State dicts that leave a run carry ARM's names (:func:`to_arm_state_dict`:
+the pretraining decoder is one submodule in memory, top-level pieces in ARM's files), so a
+consolidated run, an exported file and ARM's own ``checkpoint-1599.pth`` read alike, and
+``load_state_dict`` of our models takes them all. Weight files are read with
+``weights_only=True`` (safe for files from elsewhere).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from star.models import to_arm_state_dict
 from star.train.checkpoint import Checkpointer
 
 
@@ -28,13 +32,14 @@ def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
 
 
 def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a run's newest (or ``tag``) checkpoint; ``ema=True`` gives the EMA."""
+    """The full fp32 state dict of a run's newest (or ``tag``) checkpoint, under ARM's names;
+    ``ema=True`` gives the EMA."""
     ckpt_dir, tag = checkpoint_tag(Path(run_dir), tag)
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     if ema:
         if states.get("ema") is None:
             raise ValueError(f"{ckpt_dir / tag} holds no EMA weights (the run had ema.enabled=false)")
-        return dict(states["ema"])
+        return to_arm_state_dict(dict(states["ema"]))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     params = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
@@ -43,7 +48,7 @@ def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = 
     for name, value in module.items():
         value = params.get(name, value)
         out[name] = value.detach().float().clone() if value.is_floating_point() else value.clone()
-    return out
+    return to_arm_state_dict(out)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
