@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A config that cannot be resolved (unknown key, wrong type, missing preset, ...)."""
 
 
+# model settings whose null means "filled in from the data at start-up" (star.train.finetune)
+FILLED_FROM_DATA = ("num_classes",)
+
+
 @dataclass
 class ModelConfig:
     """Which network to build: a registry name (``star.models.list_models()``) plus overrides
@@ -43,8 +47,9 @@ class ModelConfig:
 
     The defaults are the model's own (``star.models.model_config(name)``); an override left
     out or set to null keeps them, except ``num_classes: null`` in fine-tuning, which means the
-    training manifest's class count. Reading ``cfg.model.KEY`` gives the override, else the
-    model's value; ``images_per_seq`` is 1 for a fine-tuning model (one image per input).
+    training manifest's class count (it reads back as None until filled). Reading
+    ``cfg.model.KEY`` gives the override, else the model's value; ``images_per_seq`` is 1 for
+    a fine-tuning model (one image per input).
     """
 
     name: str = "star_base_pz16"
@@ -54,7 +59,7 @@ class ModelConfig:
         # only called for names that are not attributes: the model's settings
         if key.startswith("_") or "overrides" not in self.__dict__:
             raise AttributeError(key)
-        if key in self.overrides:
+        if self.overrides.get(key) is not None or (key in self.overrides and key in FILLED_FROM_DATA):
             return self.overrides[key]
         values = flat_values(self.resolved())
         if key not in values:
