@@ -138,3 +138,26 @@ def test_load_pretrained_reports_and_rejects_mismatches():
     wide = create_model("star_tiny_pz8", embed_dim=256).state_dict()
     with pytest.raises(ValueError, match=r"pos_embed of shape \(1, 144, 256\)"):
         model.load_pretrained(wide, verbose=False)
+
+
+def test_weights_leaving_a_run_carry_arm_names_and_load_back(tmp_path):
+    """consolidate_run (hence `star export`) maps our in-memory names to ARM's at the boundary;
+    read_weights hands such a file back and load_state_dict maps it home, strictly."""
+    from star.train.weights import consolidate_run, read_weights
+
+    torch.manual_seed(0)
+    model = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    tag = tmp_path / "checkpoints" / "step_000000003"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000000003\n")
+    torch.save({"module": model.state_dict(), "ema": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    state = consolidate_run(tmp_path, ema=True)
+    assert list(state) == list(to_arm_state_dict(model.state_dict()))
+    assert {"ar_token", "dec_sep_pos_embed", "enc2dec.weight", "dec_block.3.mlp.fc2.bias", "norm_1.weight",
+            "ar_pred.weight"} <= set(state)
+    torch.save(state, tmp_path / "model.pth")
+    torch.manual_seed(1)
+    other = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    other.load_state_dict(read_weights(tmp_path / "model.pth"), strict=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], value), name
