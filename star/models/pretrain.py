@@ -270,8 +270,16 @@ def _clusters(cfg: PackingConfig) -> list[_Cluster]:
         image: list[_Cluster] = []
         for cr in range(side):
             row = [_Cluster(IMAGE, n, cr, cc) for cc in range(side)]
-            image += sep + row if cfg.sep_position == "SCS" else row + sep if cfg.sep_position == "CSC" else row
-        out += sep + image if cfg.sep_position == "SC" else image + sep if cfg.sep_position == "CS" else image
+            if cfg.sep_position == "SCS":
+                row = sep + row
+            elif cfg.sep_position == "CSC":
+                row = row + sep
+            image += row
+        if cfg.sep_position == "SC":
+            image = sep + image
+        elif cfg.sep_position == "CS":
+            image = image + sep
+        out += image
     return out
 
 
