@@ -46,8 +46,9 @@ class ModelConfig:
     or ``StarClassifierConfig``), written flat: ``model.sep_type``, ``model.depth``, ...
 
     The defaults are the model's own (``star.models.model_config(name)``); an override left
-    out or set to null keeps them, except ``num_classes: null`` in fine-tuning, which means the
-    training manifest's class count (it reads back as None until filled). Reading
+    out or set to null keeps them (a null setting of the other model family is ignored),
+    except ``num_classes: null`` in fine-tuning, which means the training manifest's class
+    count (it reads back as None until filled). Reading
     ``cfg.model.KEY`` gives the override, else the model's value; ``images_per_seq`` is 1 for
     a fine-tuning model (one image per input).
     """
@@ -454,12 +455,11 @@ def _validate_model(model: ModelConfig) -> None:
         raise ConfigError(f"config key `model.name` = {model.name!r} is not a model{hint}")
     known = model_settings(model.name)
     for key, value in model.overrides.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean `model.{close[0]}`? " if close else ""
-            raise ConfigError(f"config key `model.{key}` is not a setting of {model.name}; {hint}"
+        if key not in known and value is not None:  # the other family's (cls_position on pretraining)
+            family = type(model_config(model.name)).__name__
+            raise ConfigError(f"config key `model.{key}` is not a setting of {model.name} ({family}); "
                               f"its settings: {', '.join(known)}")
-        choices = known[key].choices
+        choices = known[key].choices if key in known else None
         if value is not None and choices is not None and value not in choices:
             raise ConfigError(f"config key `model.{key}` = {value!r} is not one of: {', '.join(choices)}")
     try:

@@ -179,6 +179,9 @@ def test_model_section_is_a_name_plus_overrides_of_its_config_dataclass():
     assert cfg.to_dict()["model"] == {"name": "star_base_pz16", "img_size": 192, "images_per_seq": 4,
                                       "sep_type": "token", "sep_value": "zeros", "sep_position": "SC"}
     assert load_config("finetune_b").model.images_per_seq == 1  # one image per fine-tuning input
+    # a null is "the model's value", so a null setting of the other family changes nothing
+    assert load_config("star_b_1600ep", ["model.cls_position=null"]).model.resolved() == \
+        load_config("star_b_1600ep").model.resolved()
 
 
 @pytest.mark.parametrize("preset,override,match", [

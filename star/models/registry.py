@@ -31,7 +31,7 @@ from star.models.classifier import StarClassifier, StarClassifierConfig
 from star.models.pretrain import StarPretrainConfig, StarPretrainModel
 from star.models.settings import Setting, apply_overrides, settings
 
-ModelConfig = StarPretrainConfig | StarClassifierConfig
+AnyModelConfig = StarPretrainConfig | StarClassifierConfig
 MODEL_CLASSES: dict[type, type[nn.Module]] = {StarPretrainConfig: StarPretrainModel,
                                               StarClassifierConfig: StarClassifier}
 
@@ -48,8 +48,8 @@ _METHODS = {"arm": dict(images_per_seq=1, sep_type="none"), "star": {}}
 _FINETUNE_METHODS = {"arm": dict(cls_position="middle"), "star": {}}
 
 
-def _build_table() -> dict[str, ModelConfig]:
-    table: dict[str, ModelConfig] = {}
+def _build_table() -> dict[str, AnyModelConfig]:
+    table: dict[str, AnyModelConfig] = {}
     for method in ("arm", "star"):
         for size, dims in _SIZES.items():
             name = f"{method}_{size}"
@@ -67,7 +67,7 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def _lookup(name: str) -> ModelConfig:
+def _lookup(name: str) -> AnyModelConfig:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -88,7 +88,7 @@ def all_settings() -> dict[str, Setting]:
     return out
 
 
-def model_config(name: str, **overrides) -> ModelConfig:
+def model_config(name: str, **overrides) -> AnyModelConfig:
     """The configuration a name stands for, with ``overrides`` applied."""
     config = _lookup(name)
     return apply_overrides(config, overrides, owner=f"{name} ({type(config).__name__})")
