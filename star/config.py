@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+from star.models import StarPretrainConfig, all_settings, list_models, model_config, model_settings
+from star.models.settings import flat_values
+
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -32,24 +35,60 @@ class ConfigError(ValueError):
     """A config that cannot be resolved (unknown key, wrong type, missing preset, ...)."""
 
 
+# model settings whose null means "filled in from the data at start-up" (star.train.finetune)
+FILLED_FROM_DATA = ("num_classes",)
+
+
 @dataclass
 class ModelConfig:
-    """Which network to build (``star.models.create_model(name, **overrides)``).
+    """Which network to build: a registry name (``star.models.list_models()``) plus overrides
+    of that model's configuration dataclass (``StarPretrainConfig`` with its ``PackingConfig``,
+    or ``StarClassifierConfig``), written flat: ``model.sep_type``, ``model.depth``, ...
 
-    Fields left at ``None`` are not passed, so the model's own default applies.
+    The defaults are the model's own (``star.models.model_config(name)``); an override left
+    out or set to null keeps them (a null setting of the other model family is ignored),
+    except ``num_classes: null`` in fine-tuning, which means the training manifest's class
+    count (it reads back as None until filled). Reading
+    ``cfg.model.KEY`` gives the override, else the model's value; ``images_per_seq`` is 1 for
+    a fine-tuning model (one image per input).
     """
 
     name: str = "star_base_pz16"
-    img_size: int = 192            # S: image side in pixels
-    images_per_seq: int = 8        # N: images packed into one sequence (pretraining)
-    sep_type: str | None = None    # none | token | cluster
-    sep_value: str | None = None   # zeros | ones | embedding | identity
-    sep_position: str | None = None  # SC | CS | SCS | CSC
-    cls_position: str | None = None  # fine-tuning: middle | tail | none (mean pooling)
-    drop_path: float | None = None
-    num_classes: int | None = None   # fine-tuning; null = the training manifest's class count
-    embed_dim: int | None = None     # width / depth overrides (tests, scaling studies)
-    depth: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        # only called for names that are not attributes: the model's settings
+        if key.startswith("_") or "overrides" not in self.__dict__:
+            raise AttributeError(key)
+        if self.overrides.get(key) is not None or (key in self.overrides and key in FILLED_FROM_DATA):
+            return self.overrides[key]
+        values = flat_values(self.resolved())
+        if key not in values:
+            raise AttributeError(f"model {self.name!r} has no setting {key!r}")
+        return values[key]
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in ("name", "overrides"):
+            object.__setattr__(self, key, value)
+        else:  # a derived value filled in later (num_classes from the manifest)
+            self.overrides[key] = value
+
+    @property
+    def images_per_seq(self) -> int:
+        """N images per sequence (pretraining), 1 for a fine-tuning model."""
+        config = self.resolved()
+        return config.packing.images_per_seq if isinstance(config, StarPretrainConfig) else 1
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The overrides ``create_model`` receives (the non-null ones)."""
+        return {k: v for k, v in self.overrides.items() if v is not None}
+
+    def resolved(self):
+        """The model's configuration instance: ``model_config(name, **model_overrides())``."""
+        return model_config(self.name, **self.model_overrides())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.overrides}
 
 
 @dataclass
@@ -149,7 +188,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()  # the YAML layout: name and overrides side by side
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -159,13 +200,10 @@ class Config:
 
 
 # Allowed values of string fields; checked after resolution so a typo in a value fails too.
+# The model's settings declare their own (star.models.settings.choice_field).
 CHOICES: dict[str, tuple] = {
     "kind": ("pretrain", "finetune"),
     "device": ("auto", "cpu", "cuda"),
-    "model.sep_type": (None, "none", "token", "cluster"),
-    "model.sep_value": (None, "zeros", "ones", "embedding", "identity"),
-    "model.sep_position": (None, "SC", "CS", "SCS", "CSC"),
-    "model.cls_position": (None, "middle", "tail", "none"),
     "data.backend": ("dali", "baseline"),
     "data.on_corrupt": ("error", "skip"),
 }
@@ -223,11 +261,15 @@ def _check_ranges(data: dict) -> None:
 
 
 def _hints(cls) -> dict[str, Any]:
+    if cls is ModelConfig:  # the model's settings as optional fields (null = the model's value)
+        return {"name": str, **{name: typing.Optional[s.type] for name, s in all_settings().items()}}
     return typing.get_type_hints(cls)
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config dataclass (``optim.base_lr``, ...)."""
+    if cls is ModelConfig:  # a name plus the settings of any model family
+        return [prefix + "name"] + [prefix + name for name in all_settings()]
     keys = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
@@ -330,6 +372,8 @@ def _merge(target: dict, updates: dict, cls, where: str, prefix: str = "") -> No
 
 
 def _from_dict(cls, data: dict):
+    if cls is ModelConfig:
+        return ModelConfig(data["name"], {k: v for k, v in data.items() if k != "name"})
     kwargs = {}
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
@@ -444,6 +488,7 @@ def validate(cfg: Config) -> Config:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"config key `{key}` = {node!r} is not one of: {shown}")
     _check_ranges(data)
+    _validate_model(cfg.model)
     positive = {"batch.global_images": cfg.batch.global_images, "batch.micro_images": cfg.batch.micro_images,
                 "model.images_per_seq": cfg.model.images_per_seq, "schedule.epochs": cfg.schedule.epochs,
                 "checkpoint.every_steps": cfg.checkpoint.every_steps, "checkpoint.keep_last": cfg.checkpoint.keep_last,
@@ -467,10 +512,31 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_model(model: ModelConfig) -> None:
+    """The model section against the named model's configuration dataclass."""
+    if model.name not in list_models():
+        close = difflib.get_close_matches(model.name, list_models(), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; models: {', '.join(list_models())}"
+        raise ConfigError(f"config key `model.name` = {model.name!r} is not a model{hint}")
+    known = model_settings(model.name)
+    for key, value in model.overrides.items():
+        if key not in known and value is not None:  # the other family's (cls_position on pretraining)
+            family = type(model_config(model.name)).__name__
+            raise ConfigError(f"config key `model.{key}` is not a setting of {model.name} ({family}); "
+                              f"its settings: {', '.join(known)}")
+        choices = known[key].choices if key in known else None
+        if value is not None and choices is not None and value not in choices:
+            raise ConfigError(f"config key `model.{key}` = {value!r} is not one of: {', '.join(choices)}")
+    try:
+        model.resolved()
+    except ValueError as exc:
+        raise ConfigError(f"model section ({model.name}): {exc}") from None
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Resolve defaults <- preset chain (or ``base``, an already resolved dict) <- overrides."""
-    data = dataclasses.asdict(Config())
+    data = Config().to_dict()
     if base is not None:
         _merge(data, base, Config, "the saved run config")
     if name_or_path is not None:
@@ -488,8 +554,8 @@ def diff_configs(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
     da, db = a.to_dict(), b.to_dict()
     for key in valid_keys():
         va, vb = da, db
-        for part in key.split("."):
-            va, vb = va[part], vb[part]
+        for part in key.split("."):  # a model setting may be absent (not overridden)
+            va, vb = va.get(part), vb.get(part)
         if va != vb:
             out[key] = (va, vb)
     return out

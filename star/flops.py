@@ -8,7 +8,7 @@ multiply-adds: halve these figures to compare). Counted (forward pass):
   the model calls them through their weights);
 * the depthwise causal conv1d of Mamba: 2 * L * d_inner * d_conv per scan direction;
 * the selective scan: ``SCAN_FLOPS_PER_STATE`` = 9 FLOPs per (token, channel, state) per
-  direction, the constant of mamba-ssm's and VMamba's counters (SPEC section 10): 2 for
+  direction, the constant of mamba-ssm's and VMamba's FLOP counters: 2 for
   exp(delta * A), 3 for delta * B * u, 2 for the state update dA * h + dBu and 2 for the
   C . h reduction. It is 0.6 % of STAR-B's forward (3 % of the 4-scan fine-tuning model's),
   so its exact value hardly matters;
@@ -27,18 +27,23 @@ to activations and to weights), the convention of MFU accounting (PaLM appendix 
 
 Usage::
 
-    count = model_flops(model)                 # a built StarPretrainModel / StarClassifier
+    count = model_flops(model)                 # a built model: reads model.config
+    count = config_flops(model_config("star_base_pz16", images_per_seq=4))
     count = flops_for_name("star_base_pz16")   # from the registry, without building the model
     count.forward_per_image, count.training_per_image, count.by_kind()
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from star.models import (StarClassifierConfig, StarPretrainConfig, build_layout, list_models,
+                         model_config)
 
 SCAN_FLOPS_PER_STATE = 9
 TRAINING_MULTIPLIER = 3
@@ -140,95 +145,73 @@ def add_encoder(count: FlopCount, *, embed_dim: int, depth: int, length: int, d_
         count.add(f"layers.{i}.mlp.w3", LINEAR, linear(length, hidden, embed_dim))
 
 
-def pretrain_flops(*, img_size: int = 192, patch_size: int = 16, cluster_size: int = 4,
-                   images_per_seq: int = 8, sep_type: str = "cluster", sep_value: str = "identity",
-                   sep_position: str = "SC", embed_dim: int = 768, depth: int = 12,
-                   decoder_dim: int = 512, decoder_depth: int = 4, decoder_heads: int = 8,
-                   decoder_mlp_ratio: float = 4.0, d_state: int = 16, d_conv: int = 4,
-                   drop_path: float = 0.0) -> FlopCount:
-    """Forward FLOPs of one packed sequence of the pretraining model (StarPretrainModel's
-    constructor arguments). Sequence geometry (encoder length, number of queries) comes
-    from the packing layout, which is pure index arithmetic."""
-    from star.models.packing import PackingConfig, build_layout
-
-    del decoder_heads, drop_path  # no effect on FLOPs
-    layout = build_layout(PackingConfig(img_size, patch_size, cluster_size, images_per_seq,
-                                        sep_type, sep_value, sep_position))
+def pretrain_flops(config: StarPretrainConfig) -> FlopCount:
+    """Forward FLOPs of one packed sequence of the pretraining model. Sequence geometry
+    (encoder length, number of queries) comes from the packing layout, which is pure index
+    arithmetic; drop path and the number of heads do not change the count."""
+    packing = config.packing
+    layout = build_layout(packing)
     length, queries = layout.encoder_length, layout.num_queries
-    grid = img_size // patch_size
-    count = FlopCount(images=images_per_seq, tokens=length)
+    dim, dec_dim, levels, p = config.embed_dim, config.decoder_dim, config.decoder_depth, packing.patch_size
+    count = FlopCount(images=packing.images_per_seq, tokens=length)
     # every patch of every image is embedded, even one the encoder does not read (ARM's last cluster)
-    count.add("patch_embed", CONV, linear(images_per_seq * grid * grid, 3 * patch_size**2, embed_dim))
-    add_encoder(count, embed_dim=embed_dim, depth=depth, length=length, d_state=d_state,
-                d_conv=d_conv, num_scans=1)
-    count.add("enc2dec", LINEAR, linear(length, decoder_depth * embed_dim, decoder_depth * decoder_dim))
-    mlp_hidden = int(decoder_dim * decoder_mlp_ratio)
-    for i in range(decoder_depth):
-        where = f"dec_block.{i}"
-        count.add(f"{where}.attn2.q", LINEAR, linear(queries, decoder_dim, decoder_dim))
-        count.add(f"{where}.attn2.kv", LINEAR, linear(length, decoder_dim, 2 * decoder_dim))
-        count.add(f"{where}.attn2.sdpa", ATTENTION, attention(queries, length, decoder_dim))
-        count.add(f"{where}.attn2.proj", LINEAR, linear(queries, decoder_dim, decoder_dim))
-        count.add(f"{where}.mlp.fc1", LINEAR, linear(queries, decoder_dim, mlp_hidden))
-        count.add(f"{where}.mlp.fc2", LINEAR, linear(queries, mlp_hidden, decoder_dim))
-    count.add("ar_pred", LINEAR, linear(queries, decoder_dim, 3 * patch_size**2))
+    count.add("patch_embed", CONV, linear(packing.images_per_seq * packing.grid**2, 3 * p**2, dim))
+    add_encoder(count, embed_dim=dim, depth=config.depth, length=length, d_state=config.d_state,
+                d_conv=config.d_conv, num_scans=1)
+    count.add("decoder.enc2dec", LINEAR, linear(length, levels * dim, levels * dec_dim))
+    mlp_hidden = int(dec_dim * config.decoder_mlp_ratio)
+    for i in range(levels):
+        where = f"decoder.blocks.{i}"
+        count.add(f"{where}.attn2.q", LINEAR, linear(queries, dec_dim, dec_dim))
+        count.add(f"{where}.attn2.kv", LINEAR, linear(length, dec_dim, 2 * dec_dim))
+        count.add(f"{where}.attn2.sdpa", ATTENTION, attention(queries, length, dec_dim))
+        count.add(f"{where}.attn2.proj", LINEAR, linear(queries, dec_dim, dec_dim))
+        count.add(f"{where}.mlp.fc1", LINEAR, linear(queries, dec_dim, mlp_hidden))
+        count.add(f"{where}.mlp.fc2", LINEAR, linear(queries, mlp_hidden, dec_dim))
+    count.add("decoder.pred", LINEAR, linear(queries, dec_dim, packing.target_dim))
     return count
 
 
-def classifier_flops(*, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
-                     depth: int = 12, num_classes: int = 1000, cls_position: str = "tail",
-                     drop_path: float = 0.1, d_state: int = 16, d_conv: int = 4) -> FlopCount:
+def classifier_flops(config: StarClassifierConfig) -> FlopCount:
     """Forward FLOPs of one image through the fine-tuning model (4 scans per layer)."""
-    del drop_path
-    grid = img_size // patch_size
-    length = grid * grid + (cls_position != "none")
+    grid = config.img_size // config.patch_size
+    length = grid * grid + (config.cls_position != "none")
     count = FlopCount(images=1, tokens=length)
-    count.add("patch_embed", CONV, linear(grid * grid, 3 * patch_size**2, embed_dim))
-    add_encoder(count, embed_dim=embed_dim, depth=depth, length=length, d_state=d_state,
-                d_conv=d_conv, num_scans=4)
-    if num_classes > 0:
-        count.add("head", LINEAR, linear(1, embed_dim, num_classes))
+    count.add("patch_embed", CONV, linear(grid * grid, 3 * config.patch_size**2, config.embed_dim))
+    add_encoder(count, embed_dim=config.embed_dim, depth=config.depth, length=length,
+                d_state=config.d_state, d_conv=config.d_conv, num_scans=4)
+    if config.num_classes > 0:
+        count.add("head", LINEAR, linear(1, config.embed_dim, config.num_classes))
     return count
+
+
+def config_flops(config: StarPretrainConfig | StarClassifierConfig) -> FlopCount:
+    """The count for a model configuration (``model.config``)."""
+    if isinstance(config, StarPretrainConfig):
+        return pretrain_flops(config)
+    if isinstance(config, StarClassifierConfig):
+        return classifier_flops(config)
+    raise TypeError(f"no FLOP count for {type(config).__name__}; expected StarPretrainConfig or "
+                    "StarClassifierConfig")
 
 
 def model_flops(model: nn.Module) -> FlopCount:
     """The count for a built model, from the configuration it was built with."""
-    from star.models import StarClassifier, StarPretrainModel
-
     module = getattr(model, "module", model)  # a DeepSpeed / DDP wrapper
-    if not isinstance(module, (StarPretrainModel, StarClassifier)):
-        raise TypeError(f"no FLOP count for {type(module).__name__}; expected StarPretrainModel or StarClassifier")
-    mixer = module.layers[0].mixer
-    common = dict(embed_dim=module.embed_dim, depth=module.depth, d_state=mixer.d_state, d_conv=mixer.d_conv)
-    if isinstance(module, StarPretrainModel):
-        p = module.packing
-        blocks = module.dec_block
-        return pretrain_flops(
-            img_size=p.img_size, patch_size=p.patch_size, cluster_size=p.cluster_size,
-            images_per_seq=p.images_per_seq, sep_type=p.sep_type, sep_value=p.sep_value,
-            sep_position=p.sep_position,
-            decoder_dim=module.ar_token.shape[-1], decoder_depth=len(blocks),
-            decoder_mlp_ratio=blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features, **common)
-    pe = module.patch_embed
-    return classifier_flops(img_size=pe.img_size, patch_size=pe.patch_size,
-                            num_classes=module.num_classes, cls_position=module.cls_position, **common)
+    config = getattr(module, "config", None)
+    if config is None:
+        raise TypeError(f"no FLOP count for {type(module).__name__}: it has no model.config "
+                        "(expected StarPretrainModel or StarClassifier)")
+    return config_flops(config)
 
 
 def flops_for_name(name: str, **overrides) -> FlopCount:
     """The count for a registry name and ``create_model`` overrides, without building it."""
-    from star.models import model_config
-
-    config = {**model_config(name), **overrides}
-    # the fine-tuning forms are the ones with a class-token setting (registry.py)
-    return classifier_flops(**config) if "cls_position" in config else pretrain_flops(**config)
+    return config_flops(model_config(name, **overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m star.flops [NAME ...]``: forward / training GFLOPs per image by model name."""
-    import argparse
-
-    from star.models import list_models
-
     parser = argparse.ArgumentParser(prog="python -m star.flops", description=main.__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"registry names (default: all): {', '.join(list_models())}")
     args = parser.parse_args(argv)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from star.config import Config, ConfigError, diff_configs, list_presets, load_config, valid_keys
+from star.models import create_model, model_config
+from star.models.classifier import CLS_POSITIONS
+from star.models.pretrain import SEP_POSITIONS, SEP_TYPES
+from star.train.runtime import build_model
 
 REQUIRED_PRESETS = [
     "star_b_1600ep", "star_b_300ep", "star_b_200ep", "arm_b_1600ep", "arm_b_300ep", "star_l_1600ep",
@@ -260,3 +265,60 @@ def test_on_corrupt_may_change_on_resume(tmp_path):
     cfg.save(run / "config.yaml")
     resumed, _ = resolve_run_config("smoke", ["data.on_corrupt=skip"], str(run), kind="pretrain")
     assert resumed.data.on_corrupt == "skip"
+
+
+def test_model_section_is_a_name_plus_overrides_of_its_config_dataclass():
+    cfg = load_config("abl_sep_token_n4")
+    assert cfg.model.resolved() == model_config("star_base_pz16", img_size=192, images_per_seq=4,
+                                                sep_type="token", sep_value="zeros", sep_position="SC")
+    torch.manual_seed(0)
+    built = build_model(cfg)
+    assert built.config == cfg.model.resolved()
+    # a setting left out (or null) is the named model's own default, not a copy kept in the config
+    tiny = load_config("star_b_1600ep", ["model.name=star_tiny_pz8", "model.img_size=null"])
+    assert tiny.model.img_size == 96 and tiny.model.embed_dim == 192
+    assert tiny.model.resolved() == model_config("star_tiny_pz8", images_per_seq=8, sep_type="cluster",
+                                                 sep_value="identity", sep_position="SC")
+    # the saved layout is the YAML one: name and overrides side by side
+    assert cfg.to_dict()["model"] == {"name": "star_base_pz16", "img_size": 192, "images_per_seq": 4,
+                                      "sep_type": "token", "sep_value": "zeros", "sep_position": "SC"}
+    assert load_config("finetune_b").model.images_per_seq == 1  # one image per fine-tuning input
+    # a null is "the model's value", so a null setting of the other family changes nothing
+    assert load_config("star_b_1600ep", ["model.cls_position=null"]).model.resolved() == \
+        load_config("star_b_1600ep").model.resolved()
+
+
+@pytest.mark.parametrize("preset,override,match", [
+    ("finetune_b", "model.sep_type=token", r"`model\.sep_type` is not a setting of star_base_pz16_ft"),
+    ("star_b_1600ep", "model.cls_position=tail", r"`model\.cls_position` is not a setting of star_base_pz16"),
+    ("star_b_1600ep", "model.images_per_sq=4", r"`model\.images_per_sq`.*did you mean `model\.images_per_seq`"),
+    ("star_b_1600ep", "model.name=star_bsae_pz16", r"`model\.name`.*did you mean star_base_pz16"),
+    ("star_b_1600ep", "model.cluster_size=5", r"model section \(star_base_pz16\).*cluster_size=5"),
+    ("star_b_1600ep", "model.depth=two", r"model\.depth.*expected int"),
+])
+def test_model_settings_are_checked_against_the_named_model(preset, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(preset, [override])
+
+
+def test_model_value_choices_come_from_the_model_modules():
+    with pytest.raises(ConfigError) as err:
+        load_config("star_b_1600ep", ["model.sep_position=XS"])
+    assert str(err.value).endswith("not one of: " + ", ".join(SEP_POSITIONS))
+    with pytest.raises(ConfigError) as err:
+        load_config("star_b_1600ep", ["model.sep_type=cluter"])
+    assert str(err.value).endswith("not one of: " + ", ".join(SEP_TYPES))
+    with pytest.raises(ConfigError) as err:
+        load_config("finetune_b", ["model.cls_position=head"])
+    assert str(err.value).endswith("not one of: " + ", ".join(CLS_POSITIONS))
+    for value in CLS_POSITIONS:  # every value the model accepts, the config accepts
+        assert load_config("finetune_b", [f"model.cls_position={value}"]).model.cls_position == value
+        create_model("star_tiny_pz8_ft", cls_position=value, depth=1, embed_dim=16)
+
+
+def test_num_classes_null_is_filled_later_and_reaches_the_model():
+    cfg = load_config("smoke_finetune")
+    assert cfg.model.num_classes is None  # the training manifest's class count, filled at start-up
+    cfg.model.num_classes = 7
+    assert cfg.model.overrides["num_classes"] == 7 and cfg.model.resolved().num_classes == 7
+    assert build_model(cfg).head.out_features == 7

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from star.models import StarPretrainModel
-from star.models.packing import IMAGE
+from star.models import StarPretrainModel, create_model
+from star.models.pretrain import IMAGE
 
 SMALL = dict(img_size=24, patch_size=4, cluster_size=2, embed_dim=32, depth=2,
              decoder_dim=32, decoder_heads=4)  # 6 x 6 patches, 3 x 3 clusters of 2 x 2
@@ -17,7 +17,7 @@ SMALL = dict(img_size=24, patch_size=4, cluster_size=2, embed_dim=32, depth=2,
 
 def small_model(**packing) -> StarPretrainModel:
     torch.manual_seed(0)
-    return StarPretrainModel(**SMALL, **packing).eval()
+    return create_model("star_base_pz16", **SMALL, **packing).eval()
 
 
 CASES = [dict(sep_type=t, sep_position=p, images_per_seq=2)
@@ -55,9 +55,9 @@ def _perturb_clusters_from(model: StarPretrainModel, images: torch.Tensor, first
     layout, p, n = model.layout, model.packing.patch_size, model.packing.images_per_seq
     out = images.clone()
     for seq in range(images.shape[0] // n):
-        for t in torch.nonzero((layout.kind == IMAGE) & (layout.cluster >= first)).flatten().tolist():
-            img = seq * n + int(layout.image[t])
-            r, c = int(layout.row[t]), int(layout.col[t])
+        for t in torch.nonzero((layout.tokens.kind == IMAGE) & (layout.tokens.cluster >= first)).flatten().tolist():
+            img = seq * n + int(layout.tokens.image[t])
+            r, c = int(layout.tokens.row[t]), int(layout.tokens.col[t])
             out[img, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += torch.randn(3, p, p)
     return out
 
@@ -70,12 +70,12 @@ def test_prediction_of_cluster_up_to_j_ignores_image_clusters_from_j_on(packing)
     images = torch.randn(2 * n, 3, 24, 24)
     with torch.no_grad():
         base = model(images)["pred"]
-        image_clusters = torch.unique(layout.cluster[layout.kind == IMAGE]).tolist()
+        image_clusters = torch.unique(layout.tokens.cluster[layout.tokens.kind == IMAGE]).tolist()
         for j in (image_clusters[1], image_clusters[len(image_clusters) // 2], image_clusters[-1]):
             pred = model(_perturb_clusters_from(model, images, j))["pred"]
-            unchanged = layout.target_cluster <= j
+            unchanged = layout.targets.cluster <= j
             torch.testing.assert_close(pred[:, unchanged], base[:, unchanged], rtol=0, atol=1e-5)
             # a query for cluster j + 1 sees cluster j, so it must change (the test can fail)
-            sees_j = layout.target_cluster == j + 1
+            sees_j = layout.targets.cluster == j + 1
             if sees_j.any():
                 assert (pred[:, sees_j] - base[:, sees_j]).abs().max() > 1e-4

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from star.models import create_model
+from star.models import create_model, from_arm_state_dict, to_arm_state_dict
 
 # Official ARM pretraining state dict (github OliverRensu/ARM, models_pretrain.py,
 # arm_base_pz16): names and shapes written out from that code. D = 768, d_inner = 768
@@ -54,13 +54,28 @@ def arm_base():
 
 def test_official_arm_checkpoint_loads_without_missing_or_unexpected_keys(arm_base):
     state = arm_base_state_dict()
-    assert set(arm_base.state_dict()) == set(state) - {"mask"}
+    # our names are ARM's once mapped at the boundary (the decoder is one submodule in memory)
+    assert set(to_arm_state_dict(arm_base.state_dict())) == set(state) - {"mask"}
     with pytest.warns(UserWarning, match="'mask' buffer"):  # ARM's cached mask: reported, ignored
         result = arm_base.load_state_dict(state, strict=True)  # strict: raises on any mismatch
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(arm_base.layers[7].mixer.A_log, state["layers.7.mixer.A_log"])
-    torch.testing.assert_close(arm_base.dec_block[2].attn2.kv.weight, state["dec_block.2.attn2.kv.weight"])
+    torch.testing.assert_close(arm_base.decoder.blocks[2].attn2.kv.weight, state["dec_block.2.attn2.kv.weight"])
+    torch.testing.assert_close(arm_base.decoder.feature_norms[3].bias, state["norm_4.bias"])
+    torch.testing.assert_close(arm_base.decoder.ar_token, state["ar_token"])
     torch.testing.assert_close(arm_base.pos_embed, state["pos_embed"])
+    # the round trip: what `star export` writes is exactly ARM's file (mask aside)
+    exported = to_arm_state_dict(arm_base.state_dict())
+    assert all(torch.equal(exported[k], state[k]) for k in exported)
+
+
+def test_arm_name_mapping_is_a_bijection_on_every_pretraining_form():
+    for name in ("star_tiny_pz8", "arm_tiny_pz8"):
+        ours = create_model(name, embed_dim=32, depth=4, decoder_dim=32, sep_value="embedding").state_dict()
+        arm = to_arm_state_dict(ours)
+        assert len(arm) == len(ours) and not any(k.startswith("decoder.") for k in arm)
+        assert list(from_arm_state_dict(arm)) == list(ours)  # same keys, same order
+        assert from_arm_state_dict(ours).keys() == ours.keys()  # our own names pass unchanged
 
 
 def test_parameter_counts_match_the_paper(arm_base):
@@ -85,7 +100,7 @@ def test_parameter_counts_match_the_paper(arm_base):
 @pytest.mark.parametrize("name,cls_index", [("star_tiny_pz8_ft", 196), ("arm_tiny_pz8_ft", 98)])
 def test_load_pretrained_interpolates_pos_embed_and_fills_all_four_scans(name, cls_index):
     torch.manual_seed(0)
-    pretrained = create_model(name.replace("_ft", "")).state_dict()
+    pretrained = to_arm_state_dict(create_model(name.replace("_ft", "")).state_dict())  # an exported file
     model = create_model(name)
     cls_slot_before = model.pos_embed[0, cls_index].detach().clone()
     report = model.load_pretrained(pretrained, verbose=False)
@@ -125,3 +140,26 @@ def test_load_pretrained_reports_and_rejects_mismatches():
     wide = create_model("star_tiny_pz8", embed_dim=256).state_dict()
     with pytest.raises(ValueError, match=r"pos_embed of shape \(1, 144, 256\)"):
         model.load_pretrained(wide, verbose=False)
+
+
+def test_weights_leaving_a_run_carry_arm_names_and_load_back(tmp_path):
+    """consolidate_run (hence `star export`) maps our in-memory names to ARM's at the boundary;
+    read_weights hands such a file back and load_state_dict maps it home, strictly."""
+    from star.train.weights import consolidate_run, read_weights
+
+    torch.manual_seed(0)
+    model = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    tag = tmp_path / "checkpoints" / "step_000000003"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000000003\n")
+    torch.save({"module": model.state_dict(), "ema": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    state = consolidate_run(tmp_path, ema=True)
+    assert list(state) == list(to_arm_state_dict(model.state_dict()))
+    assert {"ar_token", "dec_sep_pos_embed", "enc2dec.weight", "dec_block.3.mlp.fc2.bias", "norm_1.weight",
+            "ar_pred.weight"} <= set(state)
+    torch.save(state, tmp_path / "model.pth")
+    torch.manual_seed(1)
+    other = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    other.load_state_dict(read_weights(tmp_path / "model.pth"), strict=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], value), name

@@ -8,13 +8,8 @@ import itertools
 import pytest
 import torch
 
-from star.models.packing import (
-    IMAGE,
-    SEP_POSITIONS,
-    SEPARATOR,
-    PackingConfig,
-    SequencePacker,
-    build_layout,
+from star.models.pretrain import (
+    IMAGE, SEP_POSITIONS, SEPARATOR, PackingConfig, SequencePacker, build_layout,
     cluster_priority_order,
 )
 
@@ -63,14 +58,14 @@ def test_layout_matches_independent_construction(cfg):
     assert layout.seq_len == len(tokens)
     assert layout.num_clusters == len(clusters)
     for t, (cid, (kind, n, r, c)) in enumerate(tokens):
-        assert int(layout.cluster[t]) == cid
-        assert int(layout.kind[t]) == (IMAGE if kind == "img" else SEPARATOR)
-        assert (int(layout.image[t]), int(layout.row[t]), int(layout.col[t])) == (n, r, c)
+        assert int(layout.tokens.cluster[t]) == cid
+        assert int(layout.tokens.kind[t]) == (IMAGE if kind == "img" else SEPARATOR)
+        assert (int(layout.tokens.image[t]), int(layout.tokens.row[t]), int(layout.tokens.col[t])) == (n, r, c)
 
     # every cluster i predicts cluster i + 1; if the per-image pattern starts with a separator,
     # the last cluster predicts one more separator (the paper's c_{L*N+1} := c_sp)
-    got = list(zip(layout.target_cluster.tolist(), layout.target_kind.tolist(), layout.target_image.tolist(),
-                   layout.target_row.tolist(), layout.target_col.tolist(), layout.target_token.tolist()))
+    got = list(zip(layout.targets.cluster.tolist(), layout.targets.kind.tolist(), layout.targets.image.tolist(),
+                   layout.targets.row.tolist(), layout.targets.col.tolist(), layout.target_token.tolist()))
     want = []
     offset = {cid: sum(len(x) for x in clusters[:cid]) for cid in range(len(clusters))}
     for cid in range(1, len(clusters)):
@@ -81,7 +76,7 @@ def test_layout_matches_independent_construction(cfg):
     assert got == want
     # the target token of each query is exactly a token of the next cluster
     inside = layout.target_token >= 0
-    assert torch.equal(layout.cluster[layout.target_token[inside]], layout.target_cluster[inside])
+    assert torch.equal(layout.tokens.cluster[layout.target_token[inside]], layout.targets.cluster[inside])
 
 
 def test_star_default_sc_n8_has_1280_tokens_and_80_predicted_clusters():
@@ -89,9 +84,9 @@ def test_star_default_sc_n8_has_1280_tokens_and_80_predicted_clusters():
     assert layout.seq_len == 1280
     assert layout.num_predicted_clusters == 80
     kinds = {}
-    for cid in torch.unique(layout.target_cluster).tolist():
-        sel = layout.target_cluster == cid
-        kinds.setdefault(int(layout.target_kind[sel][0]), []).append(int(layout.target_image[sel][0]))
+    for cid in torch.unique(layout.targets.cluster).tolist():
+        sel = layout.targets.cluster == cid
+        kinds.setdefault(int(layout.targets.kind[sel][0]), []).append(int(layout.targets.image[sel][0]))
     assert sorted(kinds[IMAGE]) == sorted(list(range(8)) * 9)  # all 9 clusters of all 8 images
     assert kinds[SEPARATOR] == [1, 2, 3, 4, 5, 6, 7, 8]  # separators of images 2..8 + trailing
     assert layout.num_queries == 80 * 16
@@ -100,13 +95,13 @@ def test_star_default_sc_n8_has_1280_tokens_and_80_predicted_clusters():
 def test_arm_layout_first_cluster_is_context_only():
     layout = build_layout(PackingConfig(images_per_seq=1, sep_type="none"))
     assert layout.seq_len == 144 and layout.num_predicted_clusters == 8
-    assert torch.equal(torch.unique(layout.target_cluster), torch.arange(1, 9))
+    assert torch.equal(torch.unique(layout.targets.cluster), torch.arange(1, 9))
     assert layout.encoder_length == 128  # the last cluster predicts nothing, so ARM drops it
     # no separator, 4 images: image n+1's first cluster is predicted from image n's last
     layout4 = build_layout(PackingConfig(images_per_seq=4, sep_type="none"))
     assert layout4.num_predicted_clusters == 35
-    first_of_image2 = (layout4.target_image == 1) & (layout4.target_row < 4) & (layout4.target_col < 4)
-    assert torch.all(layout4.target_cluster[first_of_image2] == 9)
+    first_of_image2 = (layout4.targets.image == 1) & (layout4.targets.row < 4) & (layout4.targets.col < 4)
+    assert torch.all(layout4.targets.cluster[first_of_image2] == 9)
 
 
 def test_cluster_priority_order():
@@ -158,8 +153,8 @@ def test_targets_and_embedded_sequence(sep_type, sep_value):
     assert targets.shape == (b, layout.num_queries, 3 * p * p)
     for s in range(b):
         for t in range(layout.seq_len):
-            n, r, c = int(layout.image[t]), int(layout.row[t]), int(layout.col[t])
-            if layout.kind[t] == IMAGE:
+            n, r, c = int(layout.tokens.image[t]), int(layout.tokens.row[t]), int(layout.tokens.col[t])
+            if layout.tokens.kind[t] == IMAGE:
                 torch.testing.assert_close(seq[s, t], tokens[s * cfg.images_per_seq + n, r * g + c])
             else:
                 if sep_value == "identity":
@@ -173,8 +168,8 @@ def test_targets_and_embedded_sequence(sep_type, sep_value):
                 # every separator token carries the one shared separator position embedding
                 torch.testing.assert_close(seq[s, t], value + packer.sep_pos_embed[0, 0])
         for q in range(layout.num_queries):
-            n, r, c = int(layout.target_image[q]), int(layout.target_row[q]), int(layout.target_col[q])
-            if layout.target_kind[q] == IMAGE:
+            n, r, c = int(layout.targets.image[q]), int(layout.targets.row[q]), int(layout.targets.col[q])
+            if layout.targets.kind[q] == IMAGE:
                 want = _manual_norm_pix(images[s * cfg.images_per_seq + n], r, c, p)
             elif sep_value in ("identity",):
                 want = torch.full((3 * p * p,), 1.0 if r == c else 0.0)
@@ -184,8 +179,8 @@ def test_targets_and_embedded_sequence(sep_type, sep_value):
                 want = torch.zeros(3 * p * p)
             torch.testing.assert_close(targets[s, q], want, rtol=1e-4, atol=1e-5)
     if sep_type == "cluster" and sep_value == "identity":
-        sep_tokens = layout.kind == SEPARATOR
-        diag = (layout.row == layout.col) & sep_tokens
+        sep_tokens = layout.tokens.kind == SEPARATOR
+        diag = (layout.tokens.row == layout.tokens.col) & sep_tokens
         assert int(diag.sum()) == k * cfg.images_per_seq  # k diagonal slots per separator
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from star.models import StarPretrainModel, create_model
-from star.models.packing import IMAGE, SEPARATOR
+from star.models.pretrain import IMAGE, SEPARATOR
 
 SMALL = dict(img_size=24, patch_size=4, cluster_size=2, embed_dim=32, depth=2,
              decoder_dim=32, decoder_heads=4)
@@ -14,12 +14,13 @@ SMALL = dict(img_size=24, patch_size=4, cluster_size=2, embed_dim=32, depth=2,
 
 def test_loss_is_mse_over_predicted_tokens_and_shapes_follow_the_layout():
     torch.manual_seed(0)
-    model = StarPretrainModel(**SMALL, images_per_seq=3, sep_position="SCS")
+    model = create_model("star_base_pz16", **SMALL, images_per_seq=3, sep_position="SCS")
+    assert isinstance(model, StarPretrainModel)
     out = model(torch.randn(6, 3, 24, 24))
     layout = model.layout
     assert out["pred"].shape == out["target"].shape == (2, layout.num_queries, 48)
     torch.testing.assert_close(out["loss"], ((out["pred"] - out["target"]) ** 2).mean())
-    assert torch.equal(out["target_kind"], layout.target_kind)
+    assert torch.equal(out["target_kind"], layout.targets.kind)
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -36,7 +37,7 @@ def test_arm_tiny_predicts_8_of_9_clusters():
 
 def test_reconstruct_with_a_perfect_predictor_returns_the_images():
     torch.manual_seed(0)
-    model = StarPretrainModel(**SMALL, images_per_seq=2).eval()
+    model = create_model("star_base_pz16", **SMALL, images_per_seq=2).eval()
     images = torch.randn(4, 3, 24, 24)
     real_forward = model.forward
 
@@ -50,7 +51,7 @@ def test_reconstruct_with_a_perfect_predictor_returns_the_images():
     model.forward = real_forward
     recon = model.reconstruct(images)
     assert not torch.allclose(recon, images, atol=1e-2)  # an untrained model does not
-    assert torch.any(model.layout.target_kind == SEPARATOR)
+    assert torch.any(model.layout.targets.kind == SEPARATOR)
 
 
 def test_sincos_table_matches_mae_formula():

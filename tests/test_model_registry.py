@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star.models import StarClassifier, StarPretrainModel, create_model, fp32_parameter_names, list_models, model_config
-from star.models.decoder import ClusterDecoder, feature_levels
+from star.models import (PackingConfig, StarClassifier, StarPretrainConfig, StarPretrainModel, create_model,
+                         fp32_parameter_names, list_models, model_config)
+from star.models.pretrain import Decoder, feature_levels
 
 
 def test_names_and_defaults():
@@ -14,20 +15,26 @@ def test_names_and_defaults():
     for method in ("arm", "star"):
         for size in ("tiny_pz8", "base_pz16", "large_pz16", "huge_pz16"):
             assert f"{method}_{size}" in names and f"{method}_{size}_ft" in names
-    assert model_config("star_base_pz16")["images_per_seq"] == 8
-    assert model_config("star_base_pz16")["sep_value"] == "identity"
-    assert model_config("arm_base_pz16")["sep_type"] == "none"
-    assert model_config("arm_large_pz16")["embed_dim"] == 1024 and model_config("arm_large_pz16")["depth"] == 24
-    assert model_config("star_huge_pz16_ft")["embed_dim"] == 1536
-    assert model_config("star_base_pz16_ft")["cls_position"] == "tail"
-    assert model_config("arm_base_pz16_ft")["cls_position"] == "middle"
+    assert model_config("star_base_pz16").packing.images_per_seq == 8
+    assert model_config("star_base_pz16").packing.sep_value == "identity"
+    assert model_config("arm_base_pz16").packing.sep_type == "none"
+    assert model_config("arm_large_pz16").embed_dim == 1024 and model_config("arm_large_pz16").depth == 24
+    assert model_config("star_huge_pz16_ft").embed_dim == 1536
+    assert model_config("star_base_pz16_ft").cls_position == "tail"
+    assert model_config("arm_base_pz16_ft").cls_position == "middle"
+    # the model keeps the configuration it was built from (overrides included)
+    model = create_model("star_tiny_pz8", images_per_seq=2, depth=4)
+    assert model.config == model_config("star_tiny_pz8", images_per_seq=2, depth=4)
+    assert model.config.packing.images_per_seq == 2 and model.config.depth == 4 == len(model.layers)
 
 
 def test_unknown_names_and_overrides_are_clear_errors():
     with pytest.raises(ValueError, match="Did you mean star_base_pz16"):
         create_model("star_bsae_pz16")
-    with pytest.raises(ValueError, match="does not take images_per_sq"):
+    with pytest.raises(ValueError, match="does not take images_per_sq .did you mean images_per_seq"):
         create_model("star_tiny_pz8", images_per_sq=4)
+    with pytest.raises(ValueError, match="does not take cls_position"):  # a fine-tuning setting
+        create_model("star_tiny_pz8", cls_position="tail")
     with pytest.raises(ValueError, match="sep_value='two'"):
         create_model("star_tiny_pz8", sep_value="two")
     with pytest.raises(ValueError, match="cls_position='head'"):
@@ -59,8 +66,8 @@ def test_no_weight_decay_and_layer_ids():
     assert ft.layer_id("norm_f.weight") == 7 == ft.layer_id("head.weight") == ft.num_layers_for_lr_decay
     pre = create_model("star_tiny_pz8")
     nwd = pre.no_weight_decay()
-    assert {"ar_token", "packer.sep_pos_embed", "dec_sep_pos_embed", "layers.0.mixer.A_log"} <= nwd
-    assert "enc2dec.weight" not in nwd
+    assert {"decoder.ar_token", "packer.sep_pos_embed", "decoder.sep_pos_embed", "layers.0.mixer.A_log"} <= nwd
+    assert "decoder.enc2dec.weight" not in nwd
     emb = create_model("star_tiny_pz8", sep_value="embedding")
     assert "packer.sep_embed.weight" in emb.no_weight_decay()
 
@@ -70,7 +77,9 @@ def test_feature_levels_and_interleaved_split():
     assert feature_levels(24) == (12, 16, 20, 24)
     assert feature_levels(6) == (3, 4, 5, 6)
     torch.manual_seed(0)
-    dec = ClusterDecoder(enc_dim=8, dim=16, num_heads=2, out_dim=5).eval()
+    config = StarPretrainConfig(PackingConfig(img_size=8, patch_size=2, cluster_size=1, images_per_seq=1),
+                                embed_dim=8, decoder_dim=16, decoder_heads=2)
+    dec = Decoder(config).eval()
     # make level i == encoder feature i exactly: enc2dec maps feature i channel c to output
     # channel c * 4 + i (ARM's interleaved split); then block i only sees level i
     with torch.no_grad():
@@ -88,8 +97,8 @@ def test_feature_levels_and_interleaved_split():
     # feature 2 must reach the output only through block 2: with that block's value
     # projection blanked, the output no longer depends on it
     with torch.no_grad():
-        dec.dec_block[2].attn2.kv.weight[16:].zero_()
-        dec.dec_block[2].attn2.kv.bias[16:].zero_()
+        dec.blocks[2].attn2.kv.weight[16:].zero_()
+        dec.blocks[2].attn2.kv.bias[16:].zero_()
     torch.testing.assert_close(dec(changed, queries, mask), dec(feats, queries, mask))
 
 

@@ -242,13 +242,15 @@ def test_checkpointer_commits_the_pointer_and_keeps_the_last_few(tmp_path):
 
 
 def test_fp32_sensitive_names_cover_every_scan_direction():
-    from star.models import create_model
-    from star.train.engine import is_fp32_sensitive
+    from star.models import create_model, fp32_parameter_names
 
+    # the engine keeps exactly the parameters the modules flag _keep_fp32 out of bf16 communication
     model = create_model("star_tiny_pz8_ft", embed_dim=32, depth=1, img_size=64, num_classes=4)
-    names = [n for n, _ in model.named_parameters()]
-    sensitive = sorted(n.split("mixer.")[1] for n in names if is_fp32_sensitive(n))
+    names = fp32_parameter_names(model)
+    sensitive = sorted(n.split("mixer.")[1] for n in names)
     assert sensitive == sorted(["A_log", "A_b_log", "A_c_log", "A_c_b_log", "D", "D_b", "D_c", "D_c_b",
                                 "dt_proj.bias", "dt_proj_b.bias", "dt_proj_c.bias", "dt_proj_c_b.bias"])
-    assert not is_fp32_sensitive("layers.0.mixer.dt_proj.weight")
-    assert not is_fp32_sensitive("head.bias") and not is_fp32_sensitive("decoder.Dense.weight")
+    assert "layers.0.mixer.dt_proj.weight" not in names
+    assert "head.bias" not in names
+    pretrain = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32)
+    assert not any(n.startswith(("decoder.", "packer.")) for n in fp32_parameter_names(pretrain))

@@ -26,13 +26,14 @@ ARM_KW = dict(embed_dim=32, depth=2, img_size=64)
 
 def _arm_checkpoint(path):
     """A file shaped like ARM's official checkpoint-1599.pth: {"model": state_dict, ...}."""
-    from star.models import create_model
+    from star.models import create_model, to_arm_state_dict
 
     torch.manual_seed(0)
     model = create_model("arm_tiny_pz8", **ARM_KW)
+    state = to_arm_state_dict(model.state_dict())  # ARM's top-level decoder names
     args = argparse.Namespace(model="arm_base_pz16", batch_size=128, blr=1.5e-4)  # as MAE's save_model does
-    torch.save({"model": model.state_dict(), "epoch": 1599, "args": args}, path)
-    return model.state_dict()
+    torch.save({"model": state, "epoch": 1599, "args": args}, path)
+    return state
 
 
 def test_arm_format_state_dict_loads_into_the_classifier(tmp_path):

@@ -23,13 +23,34 @@ from torch import nn
 from star.models.blocks import MambaMLPBlock, PatchEmbed, init_encoder_weights
 from star.models.mamba import PER_DIRECTION_PARAMS, SCAN_DIRECTIONS, ScanGrid, direction_param_name
 from star.models.pos_embed import resize_grid_table
+from star.models.settings import check_choices, choice_field
 from star.models.weight_decay import no_weight_decay_names
 
 CLS_POSITIONS = ("middle", "tail", "none")
-# keys of a pretraining checkpoint that the classifier has no use for (decoder, separators)
+# keys of a pretraining checkpoint that the classifier has no use for (decoder, separators),
+# under our names (decoder.*) and under ARM's top-level ones
 _PRETRAIN_ONLY = re.compile(
-    r"^(ar_token|dec_pos_embed|dec_sep_pos_embed|mask|enc2dec\.|dec_block\.|norm_[1-4]\.|"
+    r"^(decoder\.|ar_token|dec_pos_embed|dec_sep_pos_embed|mask|enc2dec\.|dec_block\.|norm_[1-4]\.|"
     r"ar_norm\.|ar_pred\.|packer\.)")
+
+
+@dataclass(frozen=True)
+class StarClassifierConfig:
+    """Everything that defines a fine-tuning model; the defaults are STAR-B* (STAR Sec. 4.1,
+    Table 5: 224 px, tail class token, drop path 0.1)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_classes: int = 1000
+    cls_position: str = choice_field("tail", CLS_POSITIONS)
+    drop_path: float = 0.1
+    d_state: int = 16
+    d_conv: int = 4
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
@@ -56,17 +77,15 @@ class LoadReport:
 
 
 class StarClassifier(nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
-                 depth: int = 12, num_classes: int = 1000, cls_position: str = "tail",
-                 drop_path: float = 0.1, d_state: int = 16, d_conv: int = 4) -> None:
+    """4-scan encoder, class token and head; ``config`` holds every setting."""
+
+    def __init__(self, config: StarClassifierConfig) -> None:
         super().__init__()
-        if cls_position not in CLS_POSITIONS:
-            raise ValueError(f"cls_position={cls_position!r} is not one of {', '.join(CLS_POSITIONS)}")
-        self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
-        self.cls_position = cls_position
-        self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
+        self.config = config
+        embed_dim, depth, num_classes = config.embed_dim, config.depth, config.num_classes
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, embed_dim)
         num_patches = self.patch_embed.num_patches
-        cls_index = {"middle": num_patches // 2, "tail": num_patches, "none": None}[cls_position]
+        cls_index = {"middle": num_patches // 2, "tail": num_patches, "none": None}[config.cls_position]
         self.grid = ScanGrid(self.patch_embed.grid_size, cls_index)
 
         if cls_index is not None:
@@ -74,9 +93,9 @@ class StarClassifier(nn.Module):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid.seq_len, embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, config.drop_path, depth).tolist()
         self.layers = nn.ModuleList(
-            MambaMLPBlock(embed_dim, num_scans=4, drop_path=r, d_state=d_state, d_conv=d_conv)
+            MambaMLPBlock(embed_dim, num_scans=4, drop_path=r, d_state=config.d_state, d_conv=config.d_conv)
             for r in rates)
         init_encoder_weights(self.layers)
         self.norm_f = nn.LayerNorm(embed_dim)
@@ -85,6 +104,10 @@ class StarClassifier(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
     # -- training-team helpers -------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         return no_weight_decay_names(self)
@@ -92,7 +115,7 @@ class StarClassifier(nn.Module):
     @property
     def num_layers_for_lr_decay(self) -> int:
         """Largest :meth:`layer_id` (the head); ids run 0..num_layers_for_lr_decay."""
-        return self.depth + 1
+        return self.config.depth + 1
 
     def layer_id(self, name: str) -> int:
         """Layer-wise lr decay id: 0 embeddings, i + 1 for ``layers.i``, depth + 1 head/norm_f."""
@@ -101,7 +124,7 @@ class StarClassifier(nn.Module):
         match = re.match(r"layers\.(\d+)\.", name)
         if match:
             return int(match.group(1)) + 1
-        return self.depth + 1
+        return self.config.depth + 1
 
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,7 +187,7 @@ class StarClassifier(nn.Module):
             return table
         num = table.shape[-2]
         old_grid = math.isqrt(num)
-        if table.dim() != 3 or old_grid * old_grid != num or table.shape[-1] != self.embed_dim:
+        if table.dim() != 3 or old_grid * old_grid != num or table.shape[-1] != self.config.embed_dim:
             raise ValueError(
                 f"cannot adapt pos_embed of shape {tuple(table.shape)} to {tuple(self.pos_embed.shape)}: "
                 "only a square patch table (pretraining checkpoint, no class token) is resized")

@@ -1,4 +1,5 @@
-"""Which parameters take no weight decay (SPEC section 6), by name, for optimiser groups."""
+"""Which parameters take no weight decay, by name, for optimiser groups (the MAE / ARM recipe:
+`docs/design.md`, "Training")."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ instead: parameters, gradients and AdamW states stay float32 (ZeRO shards the st
 forward runs under ``torch.autocast(bfloat16)`` so matmuls and convolutions run in bf16, and
 gradients of Linear / Conv weights are all-reduced in bf16. The sensitive parameters are
 taken out of the bf16 gradient communication (``keep_fp32_communication``) so that they are
-float32 end to end. A JSON that enables ``bf16`` / ``fp16`` is refused with this explanation.
+float32 end to end; they are the parameters the Mamba mixer flags ``_keep_fp32`` in every scan
+direction (:func:`star.models.fp32_parameter_names`). A JSON that enables ``bf16`` / ``fp16``
+is refused with this explanation.
 The price is float32 weights on every rank (4 bytes a parameter instead of 2: 0.3 GB for B,
 1.2 GB for L) and a bf16 cast of each weight per forward, both small next to the activations
 of 1280-token sequences.
@@ -21,25 +23,17 @@ to a different value is refused, so the two can never disagree.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from star.config import Config, ConfigError
+from star.models import fp32_parameter_names
 
 # Shipped inside the package (package data), so an installed wheel resolves ds_config=auto too.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 DEFAULT_DS_CONFIG = {"cuda": "zero2_bf16", "cpu": "cpu_zero2_fp32"}
-# Mamba parameters kept out of bf16 gradient communication, in every scan direction of the
-# fine-tuning model too (A_log, A_b_log, A_c_b_log; D, D_c; dt_proj.bias, dt_proj_c_b.bias).
-FP32_PARAM_PATTERN = re.compile(r"(^|\.)(A(_[bc])*_log|D(_[bc])*|dt_proj(_[bc])*\.bias)$")
-
-
-def is_fp32_sensitive(name: str) -> bool:
-    return FP32_PARAM_PATTERN.search(name) is not None
-
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -127,8 +121,9 @@ def keep_fp32_communication(model: torch.nn.Module) -> list[str]:
     from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
 
     kept = []
+    sensitive = fp32_parameter_names(model)
     for name, param in model.named_parameters():
-        if is_fp32_sensitive(name) and hasattr(param, PARAM_COMM_DTYPE_ATTR_NAME):
+        if name in sensitive and hasattr(param, PARAM_COMM_DTYPE_ATTR_NAME):
             delattr(param, PARAM_COMM_DTYPE_ATTR_NAME)
             kept.append(name)
     return kept

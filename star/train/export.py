@@ -1,8 +1,9 @@
 """`star export RUN_DIR --out model.pth`: one plain state dict from a run's ZeRO checkpoint.
 
-The file holds ``{parameter or buffer name: float32 tensor}`` with the model's own names
-(ARM's), loadable with ``torch.load(..., weights_only=True)`` and ``model.load_state_dict``,
-or as ``--init`` of `star finetune`.
+The file holds ``{parameter or buffer name: float32 tensor}`` under ARM's names (the
+consolidated state dict of :func:`star.train.weights.consolidate_run`, mapped by
+:func:`star.models.to_arm_state_dict`), loadable with ``torch.load(..., weights_only=True)``
+and ``model.load_state_dict``, or as ``--init`` of `star finetune`.
 """
 
 from __future__ import annotations

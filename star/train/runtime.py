@@ -26,6 +26,7 @@ from star.train.stopping import StopFlag
 from star.train.checkpoint import Checkpointer
 from star.train.init_weights import check_init_covers_encoder, read_init_state
 from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
+from star.models import create_model
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
@@ -84,23 +85,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kwargs(cfg: Config) -> dict:
-    """Overrides for ``create_model``: the fields the config sets (None = model default)."""
-    m = cfg.model
-    if cfg.kind == "pretrain":
-        fields = {"img_size": m.img_size, "images_per_seq": m.images_per_seq, "sep_type": m.sep_type,
-                  "sep_value": m.sep_value, "sep_position": m.sep_position, "drop_path": m.drop_path}
-    else:
-        fields = {"img_size": m.img_size, "cls_position": m.cls_position, "drop_path": m.drop_path,
-                  "num_classes": m.num_classes}
-    fields.update(embed_dim=m.embed_dim, depth=m.depth)
-    return {k: v for k, v in fields.items() if v is not None}
-
-
 def build_model(cfg: Config) -> torch.nn.Module:
-    from star.models import create_model
-
-    return create_model(cfg.model.name, **model_kwargs(cfg))
+    """The model the config names, with its ``model.*`` overrides (``model.config`` records both)."""
+    return create_model(cfg.model.name, **cfg.model.model_overrides())
 
 
 def build_data_loader(cfg: Config, mode: str, split: str, batch_size: int, *, rank: int, world_size: int,

@@ -1,10 +1,13 @@
 """Plain state dicts in and out of runs: consolidate a run's ZeRO checkpoint, read weight files.
 
 A run's checkpoint keeps the fp32 weights partitioned over ranks (ZeRO's optimizer shards);
-``consolidate_run`` rebuilds one full float32 state dict with the model's own parameter names
-(which are ARM's), plus the buffers, in the module's order. Every file is read with the
-weights-only unpickler and an allow-list (star/train/safe_load.py): a run directory on a shared
-file system, or ARM's ``checkpoint-1599.pth`` from elsewhere, can never run code here.
+``consolidate_run`` rebuilds one full float32 state dict, parameters and buffers in the
+module's order. State dicts that leave a run carry ARM's names (:func:`to_arm_state_dict`:
+the pretraining decoder is one submodule in memory, top-level pieces in ARM's files), so a
+consolidated run, an exported file and ARM's own ``checkpoint-1599.pth`` read alike, and
+``load_state_dict`` of our models takes them all. Every file is read with the weights-only
+unpickler and an allow-list (star/train/safe_load.py): a run directory on a shared file system,
+or ARM's ``checkpoint-1599.pth`` from elsewhere, can never run code here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from star.models import to_arm_state_dict
 from star.train.checkpoint import Checkpointer
 from star.train.safe_load import check_checkpoint_dir, safe_load
 
@@ -29,14 +33,15 @@ def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
 
 
 def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a run's newest (or ``tag``) checkpoint; ``ema=True`` gives the EMA."""
+    """The full fp32 state dict of a run's newest (or ``tag``) checkpoint, under ARM's names;
+    ``ema=True`` gives the EMA."""
     ckpt_dir, tag = checkpoint_tag(Path(run_dir), tag)
     check_checkpoint_dir(ckpt_dir / tag)  # before zero_to_fp32, which unpickles with weights_only=False
     states = safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt")
     if ema:
         if states.get("ema") is None:
             raise ValueError(f"{ckpt_dir / tag} holds no EMA weights (the run had ema.enabled=false)")
-        return dict(states["ema"])
+        return to_arm_state_dict(dict(states["ema"]))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     params = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
@@ -45,7 +50,7 @@ def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = 
     for name, value in module.items():
         value = params.get(name, value)
         out[name] = value.detach().float().clone() if value.is_floating_point() else value.clone()
-    return out
+    return to_arm_state_dict(out)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
