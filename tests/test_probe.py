@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from star.config import load_config
-from star.models.packing import IMAGE
+from star.models.pretrain import IMAGE
 from star.probe import (
     FeatureSet,
     LinearProbeConfig,
@@ -136,7 +136,7 @@ def test_encoder_features_equal_the_first_image_of_a_packed_sequence(preset_over
         for layer in model.layers:
             hidden = layer(hidden)
         layout = model.layout
-        first = torch.nonzero((layout.image == 0) & (layout.kind == IMAGE)).flatten()
+        first = torch.nonzero((layout.tokens.image == 0) & (layout.tokens.kind == IMAGE)).flatten()
         mean_ref, last_ref = hidden[:, first].mean(1), hidden[:, first[-1]]
         firsts = images[::n]
         assert torch.allclose(encoder_features(model, firsts, "mean"), mean_ref, atol=1e-5)

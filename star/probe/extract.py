@@ -35,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from star.models.packing import IMAGE, Layout, PackingConfig, build_layout
+from star.models.pretrain import IMAGE, Layout, PackingConfig, build_layout
 from star.probe.knn import K_DEFAULT, TEMPERATURE_DEFAULT, knn_classify
 
 POOLS = ("mean", "last")
@@ -47,7 +47,7 @@ def _single_image_layout(packing: PackingConfig, device: torch.device) -> tuple[
     key = (packing, str(device))
     if key not in _LAYOUTS:
         layout = build_layout(dataclasses.replace(packing, images_per_seq=1)).to(device)
-        image_pos = torch.nonzero(layout.kind == IMAGE).flatten()
+        image_pos = torch.nonzero(layout.tokens.kind == IMAGE).flatten()
         _LAYOUTS[key] = (layout, image_pos, int(image_pos[-1]))
     return _LAYOUTS[key]
 
@@ -65,7 +65,7 @@ def encoder_features(model: torch.nn.Module, images: torch.Tensor, pool: str = "
     if model.packing.sep_type != "none":
         sep = model.packer.separator_tokens().to(tokens.dtype)
         tokens = torch.cat([tokens, sep[None].expand(tokens.shape[0], -1, -1)], dim=1)
-    hidden = tokens.index_select(1, layout.source)  # source table: g*g patches, then separator slots
+    hidden = tokens.index_select(1, layout.tokens.source)  # source table: g*g patches, then separator slots
     for layer in model.layers:
         hidden = layer(hidden)
     if pool == "last":
