@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("star.probe.cli", "k-NN / linear-probe accuracy of a pretrained encoder's frozen features"),
     "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
     "profile": ("star.profiling.cli", "throughput of the data pipeline, the model and the training step; FLOPs"),
-    "demo": ("star.demo.run", "the whole pipeline end to end on CPU in minutes, with plots"),
+    "demo": ("star.demo.run", "the whole pipeline end to end on CPU, with plots"),
     "smoke": ("star.profiling.cli:smoke_main",
               "one forward/backward of a model by name on random images (= star profile model --model NAME)"),
 }

@@ -23,7 +23,7 @@ from pipelines.loader import erase_noise
 from pipelines.sampling import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EpochPlan, eval_resize_crop,
                                 sample_params)
 from pipelines.shards import ShardSet, jpeg_size
-from tests._pipeline_fixtures import sample_jpeg, synthetic_jpeg, write_split
+from tests.support.pipeline_fixtures import sample_jpeg, synthetic_jpeg, write_split
 
 OPS = rand_augment.TIMM_OPS
 N_DRAWS = 20000

@@ -194,6 +194,8 @@ def test_run_dir_config_resolution(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     cfg.save(run / "config.yaml")
+    (run / "checkpoints").mkdir()  # a committed checkpoint binds the run to its recipe
+    (run / "checkpoints" / "latest").write_text("step_000000001\n")
     # resume without --config: the saved config, plus operational overrides
     again, _ = resolve_run_config(None, ["log.every_steps=7"], str(run), "pretrain")
     assert again.optim.base_lr == 2e-4 and again.log.every_steps == 7
@@ -213,6 +215,8 @@ def test_run_dir_config_resolution(tmp_path, capsys):
 # ------------------------------------------------------------------ checkpoint pointer and pruning
 class _FakeEngine:
     """Writes what DeepSpeed would, minus the tensors: one file per checkpoint tag."""
+
+    module = torch.nn.Linear(2, 2)  # sizes the free-space check before a save
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # the pointer is ours to commit

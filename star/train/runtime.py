@@ -180,7 +180,7 @@ def run_training(cfg: Config, run_dir: Path, *,
     check_data(cfg, [cfg.data.train_split] + ([cfg.data.val_split] if cfg.kind == "finetune" else []))
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
     init_state = None
-    if needs_init(cfg, run_dir):  # read and check --init before DeepSpeed starts (seconds, not minutes)
+    if needs_init(cfg, run_dir):  # read and check --init before DeepSpeed starts
         fill_num_classes(cfg)
         init_state = read_init_state(cfg)
         check_init_covers_encoder(cfg, init_state, model_factory(cfg))
