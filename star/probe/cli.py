@@ -33,7 +33,7 @@ from star.models import create_model
 from star.probe.extract import POOLS, features_of_split, probe_loader
 from star.probe.knn import K_DEFAULT, TEMPERATURE_DEFAULT, knn_classify
 from star.probe.linear import LinearProbeConfig, linear_probe
-from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+from star.train.distributed import destroy, init_inference, resolve_device
 from star.train.runtime import build_model
 from star.train.weights import read_weights
 
@@ -205,12 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     amp = torch.bfloat16 if precision == "bf16" else None
 
-    dist_env = resolve_dist_env()
-    if dist_env.world_size > 1:
-        dist_env = init_distributed(device, use_deepspeed=False)
-    if device == "cuda":
-        device = f"cuda:{dist_env.local_rank}"
-        torch.cuda.set_device(dist_env.local_rank)
+    dist_env, device = init_inference(device)
     try:
         try:
             model = _build_model(cfg, model_name, args.seed)

@@ -152,6 +152,21 @@ def init_distributed(device: str, *, use_deepspeed: bool = True) -> DistEnv:
     return dist_env
 
 
+def init_inference(device: str) -> tuple[DistEnv, str]:
+    """Process group for the commands that only run forward passes (`star eval`, `star probe`):
+    gloo / NCCL without DeepSpeed when there are several ranks. Returns who we are and this
+    rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    dist_env = resolve_dist_env()
+    if dist_env.world_size > 1:
+        dist_env = init_distributed(device, use_deepspeed=False)
+    if device == "cuda":
+        import torch
+
+        device = f"cuda:{dist_env.local_rank}"
+        torch.cuda.set_device(dist_env.local_rank)
+    return dist_env, device
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -19,7 +19,7 @@ import torch
 
 from star.config import ConfigError, load_config, read_yaml_file
 from star.train.cli_common import add_config_argument, add_overrides_argument, command_parser
-from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
+from star.train.distributed import destroy, init_inference, resolve_device
 from star.train.engine import autocast_dtype, resolve_ds_config_path
 from star.train.runtime import build_data_loader, build_model
 from star.train.validation import evaluate
@@ -81,12 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"star eval: error: {exc}", file=sys.stderr)
         return 2
-    dist_env = resolve_dist_env()
-    if dist_env.world_size > 1:
-        dist_env = init_distributed(device, use_deepspeed=False)
-    if device == "cuda":
-        device = f"cuda:{dist_env.local_rank}"
-        torch.cuda.set_device(dist_env.local_rank)
+    dist_env, device = init_inference(device)
     try:
         loader = build_data_loader(cfg, "eval", args.split, args.batch_size, rank=dist_env.rank,
                                    world_size=dist_env.world_size, device=device, data_dir=args.data)
