@@ -50,6 +50,9 @@ class ModelConfig:
     num_classes: int | None = None   # fine-tuning; null = the training manifest's class count
     embed_dim: int | None = None     # width / depth overrides (tests, scaling studies)
     depth: int | None = None
+    # Mamba kernel path (star/ops/dispatch.py require_kernels): auto | fused (refuse to start
+    # without them) | torch. Not a model hyper-parameter: never passed to create_model.
+    kernels: str = "auto"
 
 
 @dataclass
@@ -166,6 +169,7 @@ CHOICES: dict[str, tuple] = {
     "model.sep_value": (None, "zeros", "ones", "embedding", "identity"),
     "model.sep_position": (None, "SC", "CS", "SCS", "CSC"),
     "model.cls_position": (None, "middle", "tail", "none"),
+    "model.kernels": ("auto", "fused", "torch"),
     "data.backend": ("dali", "baseline"),
     "data.on_corrupt": ("error", "skip"),
 }

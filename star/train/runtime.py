@@ -13,10 +13,13 @@ import numpy as np
 import torch
 
 from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
+from star.ops import require_kernels
+from star.train.run_info import collect_run_info, write_run_info
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs")
+                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
+                     "model.kernels")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
@@ -140,6 +143,8 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
 
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
     device = resolve_device(cfg.device)
+    # [h10 hook 1/2] model.kernels: apply it; `fused` without usable kernels stops here (exit 2).
+    kernel_plan = require_kernels(cfg.model.kernels, device)
     ds_path = resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job
     try:
@@ -148,9 +153,11 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
             device = f"cuda:{dist_env.local_rank}"  # loaders and collectives on this rank's GPU
         plan = plan_batches(cfg, dist_env.world_size)
         ds = build_ds_config(ds_path, plan, cfg.optim.grad_clip)
+        run_info = collect_run_info(kernel_plan, dist_env, device)  # [h10 hook 2/2] collective
         if dist_env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
+            write_run_info(run_dir, run_info)  # [h10 hook 2/2]
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = model_factory(cfg)
         if prepare_model is not None:
@@ -164,7 +171,7 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
         seed_everything(cfg.seed + 1000 * dist_env.rank + 1)  # per-rank streams (drop path, mixup)
         task = make_task(cfg, engine.module, dist_env, device, plan, autocast_dtype(ds))
         trainer = Trainer(cfg, run_dir, engine=engine, loader=task.train_loader, task=task, plan=plan,
-                          dist_env=dist_env, device=device)
+                          dist_env=dist_env, device=device, run_info=run_info)  # [h10] run_info=
         return trainer.fit(stop)
     finally:
         stop.uninstall()
