@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
     "profile": ("star.profile", "throughput of the data pipeline, the model and the training step"),
     "demo": ("star.demo", "the whole pipeline end to end on CPU in minutes, with plots"),
-    "doctor": ("star.doctor", "check this machine / every rank of a job before training (versions, kernels, data, NCCL)"),
+    "doctor": ("star.doctor", "check every rank of a job before training: versions, kernels, data, NCCL, a step"),
     "smoke": ("star.smoke", "one forward/backward of a model by name on random images (sanity check)"),
 }
 

@@ -58,8 +58,8 @@ from star.train.distributed import (
     all_gather_objects,
     destroy,
     init_distributed,
-    resolve_dist_env,
     resolve_device,
+    resolve_dist_env,
 )
 from star.train.run_info import collect_versions, local_device
 
@@ -330,7 +330,7 @@ def check_data(data_dir: Path | None, dist_env: DistEnv, device: str) -> list[Ch
 
     with _guard(results, "data.verify"):
         checked, problems = [], []
-        for split, shard_set in sets.items():
+        for shard_set in sets.values():
             entries = shard_set.manifest["shards"]
             entry = entries[dist_env.rank % len(entries)]
             found = check_shard((str(data_dir), entry, shard_set.num_classes))

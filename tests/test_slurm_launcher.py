@@ -227,7 +227,8 @@ def test_finetune_then_eval(shim, ema):
     run = shim / "run"
     launches = [json.loads(x) for x in (run / "launches.jsonl").read_text().splitlines()]
     assert {x["config"] for x in launches} == {"finetune_b"}
-    assert launches[0]["overrides"] == [f"model.kernels={DEFAULT_KERNELS}", "data.dir=/d", *extra.split(), "extra_arg=1"]
+    assert launches[0]["overrides"] == [f"model.kernels={DEFAULT_KERNELS}", "data.dir=/d", *extra.split(),
+                                        "extra_arg=1"]
     evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     expected = [(str(run), "/d", False, str(run / "eval.json"))] * 2  # one record per rank
     if ema:

@@ -26,6 +26,7 @@ registered only if what mamba-ssm itself will call is there, because a successfu
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -85,6 +86,13 @@ def _module_version(name: str) -> str | None:
 
 
 _MISSING = object()
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _probe_mamba_ssm(table: dict, reasons: dict) -> None:
@@ -265,7 +273,10 @@ def require_kernels(setting: str, device: str) -> dict:
             raise KernelsUnavailable(
                 f"model.kernels=fused but {'; '.join(missing)}. Fix the install ({_FIX}) or run the slow "
                 f"PyTorch path with model.kernels=auto (KERNELS=auto with the slurm/ launchers)")
-    versions = kernel_status()["versions"] if setting != "torch" else dict(_VERSIONS)  # torch: no import
+    if setting != "torch" and device_type == "cuda":
+        versions = kernel_status()["versions"]  # what the probe imported
+    else:  # no fused call can happen: read the installed versions without importing the packages
+        versions = {name: _installed_version(name.replace("_", "-")) for name in MIN_VERSIONS}
     return {"setting": setting, "backend": get_kernel_backend(), "device": device_type,
             "versions": versions, "ops": paths}
 

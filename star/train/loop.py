@@ -214,7 +214,7 @@ class Trainer:
             "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
             "corrupt_skipped": int(corrupt_sum),
             "time": time.time(),
-            **self._record_extra,  # [h10] run_info, in the start's first record only
+            **self._record_extra,  # [h10] run_info, in this start's first record only
         })
         self._record_extra = {}
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:

@@ -101,9 +101,9 @@ def write_run_info(run_dir: Path, info: dict) -> Path:
 
 def run_info_log_lines(info: dict) -> list[str]:
     """What rank 0 prints at start: the kernel paths and the software/hardware in two lines."""
-    v = info["versions"]
+    v = {k: value or "not installed" for k, value in info["versions"].items()}
     names = sorted({d["name"] for d in info["devices"]})
+    cuda = f"CUDA {v['cuda']}, NCCL {v['nccl']}" if info["versions"]["cuda"] else "CPU build"
     return [describe_kernel_plan(info["kernels"]),
-            f"torch {v['torch']} (CUDA {v['cuda']}), mamba-ssm {v['mamba_ssm']}, causal-conv1d "
-            f"{v['causal_conv1d']}, DALI {v['dali']}, DeepSpeed {v['deepspeed']}, NCCL {v['nccl']}; "
-            f"{info['world_size']} rank(s) on {', '.join(names)}"]
+            f"torch {v['torch']} ({cuda}), mamba-ssm {v['mamba_ssm']}, causal-conv1d {v['causal_conv1d']}, "
+            f"DALI {v['dali']}, DeepSpeed {v['deepspeed']}; {info['world_size']} rank(s) on {', '.join(names)}"]
