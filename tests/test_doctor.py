@@ -145,10 +145,36 @@ def test_version_floors(monkeypatch):
     assert doctor._below("0.18.9", "0.19.0") and not doctor._below("0.19.8", "0.19.0")
     assert doctor._below(None, "2.0") and not doctor._below("2.13.0+cpu", "2.3")
     assert not doctor._below("2.4.0 (nvidia-dali-cuda120)", "2.0")
+    # the CUDA major of a DALI wheel name and of torch.version.cuda (compared on GPUs)
+    assert [doctor._cuda_major(t) for t in ("nvidia-dali-cuda120)", "12.4", "11.8", "nvidia-dali-cuda110")] == \
+        ["12", "12", "11", "11"]
     real = doctor.collect_versions()
     monkeypatch.setattr(doctor, "collect_versions", lambda: dict(real, deepspeed="0.18.9"))
     check = doctor.check_versions("cpu")
     assert check.status == "fail" and "deepspeed 0.18.9 (need >= 0.19.0)" in check.detail
+
+
+@pytest.mark.parametrize("preset", ["smoke", "smoke_finetune"])
+def test_train_step_check_passes_on_cpu_and_catches_non_finite_weights(preset, monkeypatch):
+    from star.config import load_config
+    from star.train import runtime
+
+    cfg = load_config(preset)
+    check = doctor.check_train_step(cfg, "cpu")
+    assert check.status == "pass" and cfg.model.name in check.detail, check
+    assert np.isfinite(check.data["loss"])
+
+    build = runtime.build_model
+
+    def poisoned(cfg):
+        model = build(cfg)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(runtime, "build_model", poisoned)
+    check = doctor.check_train_step(cfg, "cpu")
+    assert check.status == "fail" and "non-finite" in check.detail, check
 
 
 # --- model.kernels -------------------------------------------------------------------------
