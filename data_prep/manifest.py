@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from star.config import ConfigError
+from star.errors import ConfigError
 
 SHARD_FIELDS = {"name": str, "index": str, "num_samples": int}  # what every reader needs of a shard entry
 

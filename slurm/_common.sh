@@ -15,6 +15,11 @@
 #   STAR_VENV     virtualenv to activate (default: $STAR_ROOT/.venv when it exists)
 #   STAR_CMD      trainer command (default: `star`, else `python -m star`)
 #   MAX_RESTARTS  requeue cap (default 50): a job restarted this many times is not requeued again
+#   DOCTOR        1 (default): run `star doctor` on every task before training, on every start;
+#                 0: skip it. A failing doctor ends the job with its exit code, never requeued.
+#   KERNELS       model.kernels for training and the doctor: fused (default where nvidia-smi is
+#                 found: refuse to train on the slow PyTorch scan), auto (fused when available,
+#                 else PyTorch, said in the log) or torch. Without a GPU the default is auto.
 
 STAR_EXIT_RESUME=75          # "stopped early, resume me" (star/train contract)
 STAR_DATA_KEY=data.dir       # the config key that DATA_DIR sets
@@ -95,6 +100,39 @@ star_collect_overrides() {
     STAR_OVERRIDES=()
     [[ -n ${DATA_DIR:-} ]] && STAR_OVERRIDES+=("$STAR_DATA_KEY=$DATA_DIR")
     STAR_OVERRIDES+=("${extra[@]}" "$@")
+}
+
+# star_kernels_override: prepends model.kernels=$KERNELS to STAR_OVERRIDES (EXTRA and the
+# script's arguments come later, so they still win). Call after star_collect_overrides.
+star_kernels_override() {
+    local default=auto
+    command -v nvidia-smi >/dev/null 2>&1 && default=fused
+    STAR_KERNELS=${KERNELS:-$default}
+    [[ $STAR_KERNELS =~ ^(auto|fused|torch)$ ]] \
+        || star_die "KERNELS=$STAR_KERNELS: use fused (refuse the slow path), auto or torch"
+    STAR_OVERRIDES=("model.kernels=$STAR_KERNELS" "${STAR_OVERRIDES[@]}")
+}
+
+# star_doctor ARGS...: `star doctor ARGS` on every task (one srun), unless DOCTOR=0. Returns
+# when it passes; a failure ends the job with the doctor's exit code and no requeue (a broken
+# node or install does not heal by restarting). A USR1/TERM during the check goes through the
+# normal contract (requeue / not), as a training step would.
+star_doctor() {
+    if [[ ${DOCTOR:-1} == 0 ]]; then
+        star_log "DOCTOR=0: skipping star doctor"
+        return 0
+    fi
+    local device=cpu
+    command -v nvidia-smi >/dev/null 2>&1 && device=cuda
+    star_srun "${STAR_CMD[@]}" doctor --device "$device" "$@"
+    local rc=$?
+    ((rc == 0)) && return 0
+    if [[ -n $STAR_SIGNAL ]]; then
+        star_finish_or_requeue "$STAR_EXIT_RESUME"
+    fi
+    star_log "star doctor FAILED (exit $rc): not starting training and not requeueing; its table above names" \
+        "each failing check and rank (DOCTOR=0 skips the check, KERNELS=auto allows the slow kernel path)"
+    exit "$rc"
 }
 
 # USR1 (time limit ahead, or a preemption notice) asks every task to checkpoint and exit 75.

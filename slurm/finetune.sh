@@ -10,7 +10,9 @@
 # Environment: INIT (required: a pretraining run dir, a `star export` file or an ARM
 # checkpoint), CONFIG (default finetune_b), DATA_DIR (shard directory with train and val),
 # RUN_DIR (default runs/<job name>-<job id>), EXTRA ("key=value ..." config overrides; script
-# arguments are appended to them), MAX_RESTARTS, STAR_ROOT, STAR_VENV, STAR_CMD (slurm/_common.sh).
+# arguments are appended to them), MAX_RESTARTS, DOCTOR (0: skip `star doctor` before training),
+# KERNELS (model.kernels, default fused on GPUs; auto allows the slow path), STAR_ROOT,
+# STAR_VENV, STAR_CMD (slurm/_common.sh).
 #SBATCH --job-name=star-finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -36,8 +38,13 @@ star_setup
 CONFIG=${CONFIG:-finetune_b}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 star_collect_overrides "$@"
+star_kernels_override
 mkdir -p "$RUN_DIR"
 star_log "config $CONFIG  init $INIT  run dir $RUN_DIR  overrides: ${STAR_OVERRIDES[*]:-(none)}"
+
+doctor_args=(--config "$CONFIG" --json "$RUN_DIR/doctor.json")
+[[ -n ${DATA_DIR:-} ]] && doctor_args+=(--data "$DATA_DIR")
+star_doctor "${doctor_args[@]}" "${STAR_OVERRIDES[@]}"
 
 star_srun "${STAR_CMD[@]}" finetune --config "$CONFIG" --init "$INIT" --run-dir "$RUN_DIR" "${STAR_OVERRIDES[@]}"
 rc=$?

@@ -13,8 +13,9 @@
 # Environment overrides: CONFIG (preset name or YAML path), DATA_DIR (shard directory),
 # RUN_DIR (default runs/<job name>-<job id>: the same across requeues), EXTRA (config
 # overrides "key=value ..."), MICRO_IMAGES (images per GPU per forward, default 64: see
-# below), MAX_RESTARTS (requeue cap, default 50), STAR_ROOT, STAR_VENV,
-# STAR_CMD (see slurm/_common.sh). Options given to sbatch override these headers.
+# below), MAX_RESTARTS (requeue cap, default 50), DOCTOR (0: skip `star doctor` before
+# training), KERNELS (model.kernels, default fused on GPUs: KERNELS=auto allows the slow path),
+# STAR_ROOT, STAR_VENV, STAR_CMD (see slurm/_common.sh). Options given to sbatch override these headers.
 #SBATCH --job-name=star-b-1600ep
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
@@ -44,8 +45,14 @@ star_collect_overrides "$@"
 # accumulation makes up the rest), or MICRO_IMAGES= (empty) to keep the config's value.
 MICRO_IMAGES=${MICRO_IMAGES-64}
 [[ -n $MICRO_IMAGES ]] && STAR_OVERRIDES=("batch.micro_images=$MICRO_IMAGES" "${STAR_OVERRIDES[@]}")
+star_kernels_override
 mkdir -p "$RUN_DIR"
 star_log "config $CONFIG  run dir $RUN_DIR  overrides: ${STAR_OVERRIDES[*]:-(none)}"
+
+# Every start (requeues too: the node set may differ) checks the nodes before training.
+doctor_args=(--config "$CONFIG" --json "$RUN_DIR/doctor.json")
+[[ -n ${DATA_DIR:-} ]] && doctor_args+=(--data "$DATA_DIR")
+star_doctor "${doctor_args[@]}" "${STAR_OVERRIDES[@]}"
 
 star_srun "${STAR_CMD[@]}" pretrain --config "$CONFIG" --run-dir "$RUN_DIR" "${STAR_OVERRIDES[@]}"
 star_finish_or_requeue $?

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("star.demo.run", "the whole pipeline end to end on CPU, with plots"),
     "smoke": ("star.profiling.cli:smoke_main",
               "one forward/backward of a model by name on random images (= star profile model --model NAME)"),
+    "doctor": ("star.doctor", "check every rank of a job before training: versions, kernels, data, NCCL, a step"),
 }
 
 

@@ -25,15 +25,11 @@ from typing import Any
 
 import yaml
 
+from star.errors import ConfigError  # noqa: F401 - re-exported: star.config.ConfigError
 from star.models import StarPretrainConfig, all_settings, list_models, model_config, model_settings
 from star.models.settings import flat_values
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be resolved (unknown key, wrong type, missing preset, ...)."""
-
 
 # model settings whose null means "filled in from the data at start-up" (star.train.finetune)
 FILLED_FROM_DATA = ("num_classes",)
@@ -55,6 +51,9 @@ class ModelConfig:
 
     name: str = "star_base_pz16"
     overrides: dict = field(default_factory=dict)
+    # Mamba kernel path (star/ops/dispatch.py require_kernels): auto | fused (refuse to start
+    # without them) | torch. A run setting, not a model hyper-parameter: never passed to create_model.
+    kernels: str = "auto"
 
     def __getattr__(self, key: str) -> Any:
         # only called for names that are not attributes: the model's settings
@@ -68,7 +67,7 @@ class ModelConfig:
         return values[key]
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key in ("name", "overrides"):
+        if key in ("name", "overrides", "kernels"):
             object.__setattr__(self, key, value)
         else:  # a derived value filled in later (num_classes from the manifest)
             self.overrides[key] = value
@@ -88,7 +87,7 @@ class ModelConfig:
         return model_config(self.name, **self.model_overrides())
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **self.overrides}
+        return {"name": self.name, **self.overrides, "kernels": self.kernels}
 
 
 @dataclass
@@ -204,6 +203,7 @@ class Config:
 CHOICES: dict[str, tuple] = {
     "kind": ("pretrain", "finetune"),
     "device": ("auto", "cpu", "cuda"),
+    "model.kernels": ("auto", "fused", "torch"),
     "data.backend": ("dali", "baseline"),
     "data.on_corrupt": ("error", "skip"),
 }
@@ -262,14 +262,14 @@ def _check_ranges(data: dict) -> None:
 
 def _hints(cls) -> dict[str, Any]:
     if cls is ModelConfig:  # the model's settings as optional fields (null = the model's value)
-        return {"name": str, **{name: typing.Optional[s.type] for name, s in all_settings().items()}}
+        return {"name": str, "kernels": str, **{name: typing.Optional[s.type] for name, s in all_settings().items()}}
     return typing.get_type_hints(cls)
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config dataclass (``optim.base_lr``, ...)."""
     if cls is ModelConfig:  # a name plus the settings of any model family
-        return [prefix + "name"] + [prefix + name for name in all_settings()]
+        return [prefix + "name", prefix + "kernels"] + [prefix + name for name in all_settings()]
     keys = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
@@ -373,7 +373,8 @@ def _merge(target: dict, updates: dict, cls, where: str, prefix: str = "") -> No
 
 def _from_dict(cls, data: dict):
     if cls is ModelConfig:
-        return ModelConfig(data["name"], {k: v for k, v in data.items() if k != "name"})
+        return ModelConfig(data["name"], {k: v for k, v in data.items() if k not in ("name", "kernels")},
+                           data.get("kernels", "auto"))
     kwargs = {}
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]

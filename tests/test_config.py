@@ -281,7 +281,8 @@ def test_model_section_is_a_name_plus_overrides_of_its_config_dataclass():
                                                  sep_value="identity", sep_position="SC")
     # the saved layout is the YAML one: name and overrides side by side
     assert cfg.to_dict()["model"] == {"name": "star_base_pz16", "img_size": 192, "images_per_seq": 4,
-                                      "sep_type": "token", "sep_value": "zeros", "sep_position": "SC"}
+                                      "sep_type": "token", "sep_value": "zeros", "sep_position": "SC",
+                                      "kernels": "auto"}  # the kernel path: a run setting beside them
     assert load_config("finetune_b").model.images_per_seq == 1  # one image per fine-tuning input
     # a null is "the model's value", so a null setting of the other family changes nothing
     assert load_config("star_b_1600ep", ["model.cls_position=null"]).model.resolved() == \

@@ -34,6 +34,7 @@ STEP_FIELDS = {"images_per_s", "rank_images_per_s", "step_s", "phase_median_s", 
     ("NVIDIA A100-SXM4-40GB", 312.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0),
     ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 SXM5 80GB", 989.0),
     ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA GeForce RTX 4090", None), ("Tesla V100-SXM2-32GB", None),
 ])
 def test_peak_table_matches_device_names(name, peak):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ PRETRAIN = REPO / "slurm" / "pretrain_1600ep.sh"
 FINETUNE = REPO / "slurm" / "finetune.sh"
 PROFILE = REPO / "slurm" / "profile.sh"
 JOB_ID = 4242
+# model.kernels the launchers pass by default: fused where nvidia-smi is found (GPU nodes)
+DEFAULT_KERNELS = "fused" if shutil.which("nvidia-smi") else "auto"
 
 FAKE_SRUN = r"""#!/bin/bash
 echo "srun $*" >> "$SHIM_LOG"
@@ -123,14 +126,15 @@ def test_finished_run_ends_without_requeue_and_gets_the_environment(shim):
     assert rc == 0, out
     assert not [c for c in calls(shim) if c.startswith("scontrol requeue")], calls(shim)
     srun = [c for c in calls(shim) if c.startswith("srun ")]
-    assert len(srun) == 1 and "--kill-on-bad-exit=0" in srun[0] and "--cpus-per-task=3" in srun[0]
+    assert len(srun) == 2 and " doctor " in srun[0] and " pretrain " in srun[1], srun  # doctor first
+    assert all("--kill-on-bad-exit=0" in c and "--cpus-per-task=3" in c for c in srun)
     launches = [json.loads(x) for x in (shim / "run" / "launches.jsonl").read_text().splitlines()]
     assert sorted(x["rank"] for x in launches) == [0, 1]
     for x in launches:
         assert x["master_addr"] == "node-a" and x["master_port"] == str(20000 + JOB_ID % 20000)
         assert x["config"] == "star_b_1600ep"
-        assert x["overrides"] == ["batch.micro_images=64", "data.dir=/data/wds", "steps=3", "step_time=0",
-                                  "extra_arg=1"]
+        assert x["overrides"] == [f"model.kernels={DEFAULT_KERNELS}", "batch.micro_images=64", "data.dir=/data/wds",
+                                  "steps=3", "step_time=0", "extra_arg=1"]
     assert metric_steps(shim) == [0, 1, 2]
     assert "restart 0" in out and "finished (exit 0)" in out
 
@@ -223,7 +227,8 @@ def test_finetune_then_eval(shim, ema):
     run = shim / "run"
     launches = [json.loads(x) for x in (run / "launches.jsonl").read_text().splitlines()]
     assert {x["config"] for x in launches} == {"finetune_b"}
-    assert launches[0]["overrides"] == ["data.dir=/d", *extra.split(), "extra_arg=1"]
+    assert launches[0]["overrides"] == [f"model.kernels={DEFAULT_KERNELS}", "data.dir=/d", *extra.split(),
+                                        "extra_arg=1"]
     evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     expected = [(str(run), "/d", False, str(run / "eval.json"))] * 2  # one record per rank
     if ema:
@@ -252,6 +257,88 @@ def test_profile_runs_one_task_per_gpu(shim):
     lines = sorted(line for line in out.splitlines() if line.startswith("[fake rank"))
     assert lines == [f"[fake rank {r}] profile all --config star_b_1600ep --data /d --batches 5 extra_arg=1"
                      for r in (0, 1)], out
+
+
+# --- star doctor before training, and the kernels setting ------------------------------------
+
+def doctor_runs(shim: Path) -> list[dict]:
+    path = shim / "doctor.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("script", [PRETRAIN, FINETUNE], ids=lambda p: p.name)
+def test_doctor_runs_on_every_task_before_training(shim, script):
+    rc, out = finish(launch(shim, "steps=2 step_time=0", script=script, INIT="runs/pre", DATA_DIR="/d",
+                            FAKE_DOCTOR_LOG=str(shim / "doctor.jsonl")))
+    assert rc == 0, out
+    srun = [c for c in calls(shim) if c.startswith("srun ")]
+    assert " doctor " in srun[0] and (" pretrain " in srun[1] or " finetune " in srun[1]), srun
+    runs = doctor_runs(shim)
+    assert sorted(r["rank"] for r in runs) == [0, 1]  # one srun over all tasks
+    config = "star_b_1600ep" if script == PRETRAIN else "finetune_b"
+    launches = [json.loads(x) for x in (shim / "run" / "launches.jsonl").read_text().splitlines()]
+    device = "cuda" if shutil.which("nvidia-smi") else "cpu"
+    for r in runs:  # the doctor checks the very config and overrides the training gets
+        assert r["args"] == ["--device", device, "--config", config, "--json", str(shim / "run" / "doctor.json"),
+                             "--data", "/d", *launches[0]["overrides"]]
+    assert out.index("doctor: all checks passed") < out.index("resuming at step 0")
+
+
+def test_doctor_runs_again_on_every_start(shim):
+    env = dict(FAKE_DOCTOR_LOG=str(shim / "doctor.jsonl"))
+    assert finish(launch(shim, "steps=6 step_time=0 stop_at=2", **env))[0] == 0
+    assert finish(launch(shim, "steps=6 step_time=0 stop_at=2", restart=1, **env))[0] == 0
+    assert sorted(r["rank"] for r in doctor_runs(shim)) == [0, 0, 1, 1]
+    assert metric_steps(shim) == list(range(6))
+
+
+def test_doctor_0_skips_the_doctor(shim):
+    rc, out = finish(launch(shim, "steps=2 step_time=0", DOCTOR="0", FAKE_DOCTOR_LOG=str(shim / "doctor.jsonl")))
+    assert rc == 0, out
+    assert doctor_runs(shim) == [] and "DOCTOR=0: skipping star doctor" in out
+    assert [c for c in calls(shim) if c.startswith("srun ")] and \
+        all(" doctor " not in c for c in calls(shim) if c.startswith("srun "))
+    assert metric_steps(shim) == [0, 1]
+
+
+@pytest.mark.parametrize("script", [PRETRAIN, FINETUNE], ids=lambda p: p.name)
+def test_failing_doctor_ends_the_job_without_training_or_requeue(shim, script):
+    rc, out = finish(launch(shim, "steps=2 step_time=0", script=script, INIT="runs/pre", FAKE_DOCTOR_FAIL="1"))
+    assert rc == 1, out  # the job's exit code is the doctor's
+    assert "star doctor FAILED (exit 1)" in out and "not requeueing" in out, out
+    assert not [c for c in calls(shim) if c.startswith("scontrol requeue")]
+    assert not (shim / "run" / "launches.jsonl").exists(), "training must not start"
+    assert [c for c in calls(shim) if c.startswith("srun ")] == [c for c in calls(shim) if " doctor " in c]
+
+
+@pytest.fixture()
+def gpu_shim(shim):
+    """The stand-ins plus an `nvidia-smi`, as on a GPU node."""
+    smi = shim / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/bash\necho 'GPU 0: NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o755)
+    return shim
+
+
+@pytest.mark.parametrize("kernels, expected", [(None, "fused"), ("auto", "auto"), ("torch", "torch")])
+def test_gpu_nodes_train_and_check_with_fused_kernels_unless_relaxed(gpu_shim, kernels, expected):
+    env = dict(FAKE_DOCTOR_LOG=str(gpu_shim / "doctor.jsonl"), **({"KERNELS": kernels} if kernels else {}))
+    rc, out = finish(launch(gpu_shim, "steps=2 step_time=0", **env))
+    assert rc == 0, out
+    launches = [json.loads(x) for x in (gpu_shim / "run" / "launches.jsonl").read_text().splitlines()]
+    assert {x["overrides"][0] for x in launches} == {f"model.kernels={expected}"}
+    for r in doctor_runs(gpu_shim):
+        assert r["args"][:2] == ["--device", "cuda"] and f"model.kernels={expected}" in r["args"]
+
+
+def test_kernels_setting_can_be_overridden_by_extra_and_is_validated(shim):
+    rc, out = finish(launch(shim, "steps=2 step_time=0 model.kernels=torch"))
+    assert rc == 0, out
+    overrides = json.loads((shim / "run" / "launches.jsonl").read_text().splitlines()[0])["overrides"]
+    assert overrides.index("model.kernels=torch") > overrides.index(f"model.kernels={DEFAULT_KERNELS}")  # later wins
+    rc, out = finish(launch(shim, "steps=2 step_time=0", KERNELS="fast"))
+    assert rc == 2 and "KERNELS=fast" in out, out
+    assert not [c for c in calls(shim) if "fast" in c and c.startswith("srun")]
 
 
 def _descendants(pid: int) -> list[int]:

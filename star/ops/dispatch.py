@@ -26,12 +26,15 @@ registered only if what mamba-ssm itself will call is there, because a successfu
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from star.errors import ConfigError
 
 from .causal_conv1d import causal_conv1d_torch
 from .selective_scan import selective_scan_torch
@@ -83,6 +86,13 @@ def _module_version(name: str) -> str | None:
 
 
 _MISSING = object()
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _probe_mamba_ssm(table: dict, reasons: dict) -> None:
@@ -202,6 +212,82 @@ def describe_kernels(tensor: torch.Tensor | None = None) -> str:
     if tensor is not None:
         parts.append(f"this tensor ({tensor.device}) -> {kernel_backend_for(tensor)}")
     return "; ".join(parts)
+
+
+# ``model.kernels``: the run's choice. auto: fused where available (STAR_KERNELS still applies),
+# fused: refuse to start unless every op runs fused, torch: the pure-PyTorch path everywhere.
+KERNEL_SETTINGS = ("auto", "fused", "torch")
+_MODULE_OF = {"selective_scan": "mamba_ssm", "mamba_inner": "mamba_ssm", "causal_conv1d": "causal_conv1d"}
+
+
+class KernelsUnavailable(ConfigError):
+    """``model.kernels=fused`` on a machine or device where the fused kernels cannot run."""
+
+
+def kernel_paths(device_type: str, forced_by: str | None = None) -> dict[str, dict[str, str]]:
+    """Per op, the path a call on a ``device_type`` tensor takes under the setting in force,
+    and why: ``{"mamba_inner": {"path": "cuda" | "torch", "reason": "..."}, ...}``.
+    ``forced_by`` names the setting that forced the torch path, for the reason text."""
+    backend = get_kernel_backend()
+    status = kernel_status() if backend != "torch" and device_type == "cuda" else None
+    paths = {}
+    for name in KERNEL_NAMES:
+        if backend == "torch":
+            forced_by = forced_by or ("set_kernel_backend('torch')" if _backend_override == "torch"
+                                      else f"{ENV_VAR}=torch")
+            paths[name] = {"path": "torch", "reason": f"forced by {forced_by}"}
+        elif device_type != "cuda":
+            paths[name] = {"path": "torch", "reason": f"device is {device_type}: fused kernels need CUDA tensors"}
+        elif status["kernels"][name]["available"]:
+            module = _MODULE_OF[name]
+            paths[name] = {"path": "cuda",
+                           "reason": f"fused kernel from {module} {status['versions'].get(module)}"}
+        else:
+            reason = status["kernels"][name]["reason"]
+            if name == "mamba_inner":
+                reason += "; its conv and scan each take their own path"
+            paths[name] = {"path": "torch", "reason": reason}
+    return paths
+
+
+def require_kernels(setting: str, device: str) -> dict:
+    """Apply ``model.kernels`` (through :func:`set_kernel_backend`, the one switch) for a run on
+    ``device`` and return the plan for logs: setting, device, module versions and per-op paths.
+
+    Raises :class:`KernelsUnavailable` (exit 2, before any process group starts) when the
+    setting is ``fused`` and some op would not run fused: on a CPU device, or when an import
+    or probe failed (its reason is in the message)."""
+    if setting not in KERNEL_SETTINGS:
+        raise ConfigError(f"model.kernels={setting!r} is not one of {', '.join(KERNEL_SETTINGS)}")
+    device_type = torch.device(device).type
+    # auto leaves STAR_KERNELS in charge; fused overrides a stale STAR_KERNELS=torch.
+    set_kernel_backend({"auto": None, "fused": "auto", "torch": "torch"}[setting])
+    if setting == "fused" and device_type != "cuda":
+        raise KernelsUnavailable(
+            f"model.kernels=fused: fused kernels need CUDA tensors, and this run's device is {device_type}; "
+            f"use model.kernels=auto or model.kernels=torch (KERNELS=auto with the slurm/ launchers)")
+    paths = kernel_paths(device_type, forced_by="model.kernels=torch" if setting == "torch" else None)
+    if setting == "fused":
+        missing = [f"{name}: {p['reason']}" for name, p in paths.items() if p["path"] != "cuda"]
+        if missing:
+            raise KernelsUnavailable(
+                f"model.kernels=fused but {'; '.join(missing)}. Fix the install ({_FIX}) or run the slow "
+                f"PyTorch path with model.kernels=auto (KERNELS=auto with the slurm/ launchers)")
+    if setting != "torch" and device_type == "cuda":
+        versions = kernel_status()["versions"]  # what the probe imported
+    else:  # no fused call can happen: read the installed versions without importing the packages
+        versions = {name: _installed_version(name.replace("_", "-")) for name in MIN_VERSIONS}
+    return {"setting": setting, "backend": get_kernel_backend(), "device": device_type,
+            "versions": versions, "ops": paths}
+
+
+def describe_kernel_plan(plan: dict) -> str:
+    """One log line from :func:`require_kernels`'s plan: each op's path and why."""
+    groups: dict[tuple[str, str], list[str]] = {}  # ops sharing a path and a reason, in one entry
+    for name, p in plan["ops"].items():
+        groups.setdefault((p["path"], p["reason"]), []).append(name)
+    ops = "; ".join(f"{'/'.join(names)} -> {path} ({reason})" for (path, reason), names in groups.items())
+    return f"kernels (model.kernels={plan['setting']}, device {plan['device']}): {ops}"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -2,7 +2,8 @@
 
 Peak dense bf16 tensor-core TFLOP/s (no sparsity), from NVIDIA's data sheets. Matched
 against ``torch.cuda.get_device_name()``, first matching pattern wins, so the more specific
-variants come first (``H100 NVL`` and ``H100 PCIe`` before the SXM ``H100``). A GPU not in the
+variants come first (``H100 NVL`` and ``H100 PCIe`` before the SXM ``H100``, ``H200 NVL``
+before ``H200``: the NVL cards peak at 835, the SXM modules at 989). A GPU not in the
 table has no MFU unless ``--peak-tflops`` gives its peak; neither has a CPU.
 """
 
@@ -23,7 +24,8 @@ from star.ops import describe_kernels
 # (regular expression on the device name, peak dense bf16 TFLOP/s, variant)
 PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
     (r"GH200", 989.0, "GH200 (H100 SXM class)"),
-    (r"H200", 989.0, "H200 SXM / NVL"),
+    (r"H200.*NVL", 835.0, "H200 NVL"),   # "NVIDIA H200 NVL": PCIe card, lower clocks and power
+    (r"H200", 989.0, "H200 SXM"),       # "NVIDIA H200"
     (r"H100.*NVL", 835.0, "H100 NVL"),
     (r"H100.*PCI[Ee]", 756.0, "H100 PCIe"),
     (r"H100", 989.0, "H100 SXM"),       # "NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB"

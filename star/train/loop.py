@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from rich.markup import escape
 
 from star.config import Config
 from star.train import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
@@ -36,6 +37,7 @@ from star.train.distributed import DistEnv, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
+from star.train.run_info import run_info_log_lines
 from star.train.schedule import lr_at, scaled_lr
 from star.train.stopping import StopFlag
 
@@ -72,7 +74,7 @@ def _record_finished(logger: RunLogger, state: TrainState) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, engine, loader, task: Task, plan: BatchPlan,
-                 dist_env: DistEnv, device: str) -> None:
+                 dist_env: DistEnv, device: str, run_info: dict | None = None) -> None:
         self.cfg, self.run_dir, self.engine, self.loader, self.task = cfg, Path(run_dir), engine, loader, task
         self.plan, self.dist_env, self.device = plan, dist_env, device
         self.steps_per_epoch = loader.steps_per_epoch // plan.accum_steps
@@ -90,6 +92,10 @@ class Trainer:
         self.state = TrainState()
         self._corrupt_named: set[str] = set()  # corrupt samples already reported by this rank
         self._corrupt_at_epoch_start = 0
+        # [h10] What this start runs on: logged at start, and the first metrics record of the start
+        # carries it (key "run_info"), so metrics.jsonl alone says which kernel path ran.
+        self.run_info = run_info
+        self._record_extra = {"run_info": run_info} if run_info is not None else {}
 
     # ---------------------------------------------------------------- checkpoint glue
     def _client_state(self) -> dict:
@@ -127,6 +133,8 @@ class Trainer:
                     f"(running to {self.end_step}); global batch {plan.global_images} images = "
                     f"{plan.global_sequences} sequences of {plan.images_per_seq}, {plan.world_size} rank(s) x "
                     f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
+        for line in run_info_log_lines(self.run_info) if self.run_info else []:  # [h10]
+            logger.info(escape(line))  # reasons may hold brackets ('.[cuda]')
         try:
             return self._run(logger, stop)
         except CheckpointWriteError as exc:
@@ -228,8 +236,10 @@ class Trainer:
             "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
             "corrupt_skipped": int(corrupt_sum),
             "time": time.time(),
+            **self._record_extra,  # [h10] run_info, in this start's first record only
         })
         self._name_corrupt_samples()
+        self._record_extra = {}
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
             self.save()
             logger.info(f"[red]stopping: {state.nonfinite_in_row} non-finite steps in a row[/red] (step "

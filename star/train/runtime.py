@@ -27,10 +27,13 @@ from star.train.checkpoint import Checkpointer
 from star.train.init_weights import check_init_covers_encoder, read_init_state
 from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
 from star.models import create_model
+from star.ops import require_kernels
+from star.train.run_info import collect_run_info, write_run_info
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs")
+                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
+                     "model.kernels")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
@@ -185,18 +188,22 @@ def run_training(cfg: Config, run_dir: Path, *,
         init_state = read_init_state(cfg)
         check_init_covers_encoder(cfg, init_state, model_factory(cfg))
     device = resolve_device(cfg.device)
+    kernel_plan = require_kernels(cfg.model.kernels, device)  # `fused` without usable kernels: exit 2 here
     resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job
     try:
         dist_env = init_distributed(device)
         plan_batches(cfg, dist_env.world_size)  # a batch that does not divide fails before the run dir is written
+        rank_dev = f"cuda:{dist_env.local_rank}" if device == "cuda" else device
+        run_info = collect_run_info(kernel_plan, dist_env, rank_dev)  # a collective: every rank calls it
         if dist_env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
+            write_run_info(run_dir, run_info)
         parts = build_training(cfg, dist_env, device, run_dir, model_factory=model_factory,
                                init_state=init_state)
         trainer = Trainer(cfg, run_dir, engine=parts.engine, loader=parts.train_loader, task=parts.task,
-                          plan=parts.plan, dist_env=dist_env, device=parts.device)
+                          plan=parts.plan, dist_env=dist_env, device=parts.device, run_info=run_info)
         return trainer.fit(stop)
     finally:
         stop.uninstall()

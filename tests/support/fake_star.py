@@ -16,6 +16,9 @@ It lets the launcher tests exercise preemption, requeue and resume in seconds, w
       writes {"w": ...} from D/state.json.
   fake_star.py profile WHAT [options ...]
       prints its arguments.
+  fake_star.py doctor [options ...]
+      appends {"rank", "args"} to $FAKE_DOCTOR_LOG (when set) and passes, or, when
+      FAKE_DOCTOR_FAIL=N is set, prints a FAIL line and exits N (the real doctor exits 1).
 
 Every rank appends its view of the launch (rank, world size, rendezvous, restart count) to
 D/launches.jsonl so tests can check what the launcher gave each task.
@@ -126,6 +129,16 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(options: list[str]) -> int:
+    rank = int(os.environ.get("SLURM_PROCID", 0))
+    if os.environ.get("FAKE_DOCTOR_LOG"):
+        _append_json(Path(os.environ["FAKE_DOCTOR_LOG"]), {"rank": rank, "args": options})
+    fail = int(os.environ.get("FAKE_DOCTOR_FAIL", 0))
+    line = f"[fake rank {rank}] doctor: {'FAIL (FAKE_DOCTOR_FAIL)' if fail else 'all checks passed'}\n"
+    os.write(sys.stdout.fileno(), line.encode())
+    return fail
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fake_star")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     prof = sub.add_parser("profile")
     prof.add_argument("what")
     prof.add_argument("options", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:  # takes any options: what the launcher passed is recorded
+        return doctor(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "profile":
         rank = os.environ.get("SLURM_PROCID", "0")
