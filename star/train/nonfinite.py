@@ -614,18 +614,22 @@ def _float(value) -> float | None:
 def inject_nonfinite(model: nn.Module, module_name: str, micro_batches: set[int], *, phase: str = "forward",
                      value: float = float("inf")):
     """FOR TESTS: make ``module_name`` emit ``value`` at the chosen micro-batches (0-based count
-    of distinct training inputs to ``model``; a re-run of the same input tensor keeps its
-    number, so a diagnosis re-run sees the fault again). ``phase="forward"`` puts it in the
+    of distinct training inputs to ``model``; a re-run of one of the last 64 input tensors
+    keeps its number, so a diagnosis re-run sees the fault again). ``phase="forward"`` puts it in the
     module's output, ``"backward"`` in the gradient of the module's first parameter. Returns
     the hook handles (``.remove()`` them to undo)."""
     target = dict(model.named_modules())[module_name]
-    state = {"count": -1, "last": None}
+    state = {"count": -1, "next": 0}
+    seen: deque = deque(maxlen=64)  # (input, its number) of recent calls, kept alive for `is`
 
     def count(_module, args):
         first = args[0] if args else None
-        if first is not state["last"]:
-            state["count"] += 1
-            state["last"] = first
+        number = next((n for t, n in seen if t is first), None)
+        if number is None:
+            number = state["next"]
+            state["next"] += 1
+            seen.append((first, number))
+        state["count"] = number
         return None
 
     def bump(t: torch.Tensor) -> torch.Tensor:
