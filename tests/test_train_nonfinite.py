@@ -22,7 +22,8 @@ from star.models.blocks import MambaMLPBlock
 from star.models.mamba import Mamba, ScanGrid
 from star.train.nonfinite import (NonfiniteProbe, SpikeDetector, diagnose_micro_batch, inject_nonfinite,
                                   rng_snapshot)
-from tests.test_train_support import TINY_PRETRAIN, assert_bit_identical, metrics, shard_dir, star_env, weights
+from tests.test_train_support import (TINY_PRETRAIN, assert_bit_identical, free_port, metrics, shard_dir, star_env,
+                                      weights)
 
 
 def _forward_backward(model, x, grid=None):
@@ -126,8 +127,15 @@ def test_probe_finds_the_first_nonfinite_gradient():
 
 # ------------------------------------------------------------------ the re-run leaves no trace
 class _Task:
+    """A loss that also draws from its own generator (as fine-tuning's mixup does)."""
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(7)
+        self.rng_generators = {"noise": self.gen}
+
     def loss(self, engine, batch):
-        return engine(batch.images).float().square().mean()
+        noise = torch.randn(batch.images.shape, generator=self.gen)
+        return engine(batch.images + 0.01 * noise).float().square().mean()
 
 
 class _Batch:
@@ -142,17 +150,20 @@ def test_diagnose_micro_batch_replays_the_randomness_and_restores_everything():
     model.train()
     batch = _Batch(torch.randn(4, 6, 8))
     random.seed(1), np.random.seed(1)
-    before = rng_snapshot()
-    with torch.no_grad():
-        real_loss = float(model(batch.images).float().square().mean())  # the "real" micro-batch draws drop path
+    task = _Task()
+    before = rng_snapshot(task.rng_generators)
+    with torch.no_grad():  # the "real" micro-batch: draws drop-path masks and the task's noise
+        real_loss = float(task.loss(model, batch))
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
     grads_before = {n: p.grad.clone() for n, p in model.named_parameters()}
     buffers_before = {n: b.clone() for n, b in model.named_buffers()}
-    after = rng_snapshot()
-    result = diagnose_micro_batch(model, _Task().loss, batch, amp_dtype=None, rng_state=before)
-    assert result["loss"] == real_loss            # same drop-path masks as the real forward
-    now = rng_snapshot()
+    after = rng_snapshot(task.rng_generators)
+    result = diagnose_micro_batch(model, task.loss, batch, amp_dtype=None, rng_state=before,
+                                  generators=task.rng_generators)
+    assert result["loss"] == real_loss            # same drop-path masks and noise as the real forward
+    now = rng_snapshot(task.rng_generators)
+    assert torch.equal(now["generators"]["noise"], after["generators"]["noise"])
     assert torch.equal(now["torch"], after["torch"])
     assert now["python"] == after["python"]
     assert all(np.array_equal(a, b) for a, b in zip(now["numpy"], after["numpy"]))
@@ -197,7 +208,7 @@ def test_spike_config_is_checked():
 
 # ------------------------------------------------------------------ in training
 SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from star.config import load_config
 from star.train.nonfinite import inject_nonfinite
@@ -205,10 +216,13 @@ from star.train.pretrain import make_pretrain_task
 from star.train.runtime import build_model, run_training
 
 faults = json.loads(sys.argv[2])
+rank = int(os.environ.get("RANK", "0"))
 
 def factory(cfg):
     model = build_model(cfg)
     for fault in faults:
+        if fault.get("rank", rank) != rank:
+            continue
         inject_nonfinite(model, fault["module"], set(fault["calls"]), phase=fault.get("phase", "forward"),
                          value=float(fault.get("value", "inf")))
     return model
@@ -237,14 +251,14 @@ def _train(tmp_path, name: str, extra: list[str]) -> None:
     return proc.stdout + proc.stderr
 
 
-def _expected_keys(loader_step: int, epoch: int = 0) -> list[list[str]]:
+def _expected_keys(loader_step: int, epoch: int = 0, rank: int = 0, world: int = 1, batch: int = 8) -> list[list[str]]:
     """Keys of a training micro-batch straight from the sampling plan and the shard index."""
     from pipelines.sampling import EpochPlan
     from pipelines.shards import ShardSet
 
     cfg = load_config("smoke", TINY_PRETRAIN)
     shards = ShardSet(shard_dir(), "train")
-    _, indices, _ = EpochPlan(len(shards), 8, 0, 1, cfg.seed, epoch, train=True).samples(loader_step)
+    _, indices, _ = EpochPlan(len(shards), batch, rank, world, cfg.seed, epoch, train=True).samples(loader_step)
     return [list(shards.name(int(i))) for i in indices]
 
 
@@ -302,3 +316,38 @@ def test_nonfinite_reports_streaks_spikes_and_bit_identical_continuation(tmp_pat
     assert [str(r["grad_norm"]) for r in plain] == [str(r["grad_norm"]) for r in records]
     assert_bit_identical(weights(tmp_path / "plain"), weights(run))
     assert not (tmp_path / "plain" / "nonfinite").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_gather_every_ranks_keys_and_find_the_rank_that_went_nonfinite(tmp_path):
+    # 2 ranks x 4 images x 2 micro-batches; only rank 1 emits inf, at step 3 micro-batch 1
+    script = tmp_path / "faults.py"
+    script.write_text(SCRIPT)
+    faults = [{"module": "layers.0.mlp.w1", "calls": [5], "rank": 1}]
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = star_env(dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "run"), json.dumps(faults), f"data.dir={shard_dir()}",
+             *TINY_PRETRAIN, "batch.global_images=16", "batch.micro_images=4", "ds_config=cpu_zero2_fp32",
+             "schedule.max_steps=4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=400)[0])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert [r["skipped"] for r in metrics(tmp_path / "run")] == [False, False, True, False]
+    report = json.loads((tmp_path / "run" / "nonfinite" / "step_3" / "report.json").read_text())
+    assert (report["rank"], report["micro_batch"]) == (1, 1)
+    assert report["keys"] == {str(r): _expected_keys(5, rank=r, world=2, batch=4) for r in (0, 1)}
+    assert report["first_nonfinite_forward"]["module"] == "layers.0.mlp.w1"
+    by_rank = {r["rank"]: r for r in report["ranks"]}
+    assert by_rank[0]["micro_batch"] is None and by_rank[0]["reruns"] == 2  # searched both, all finite
+    assert by_rank[1]["micro_batch"] == 1 and by_rank[1]["reruns"] == 1

@@ -393,8 +393,9 @@ def diagnose_micro_batch(module: nn.Module, loss_fn: Callable, batch, *, amp_dty
         if rng_state is not None:
             rng_restore(rng_state, generators)
         with _buffers_kept(module), NonfiniteProbe(module) as probe, warnings.catch_warnings():
-            # the model's first module gets images that need no gradient; that is expected
+            # expected here: the first module's images need no gradient, the model returns a dict
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            warnings.filterwarnings("ignore", message="For backward hooks to be called")
             loss = loss_fn(_ModuleCaller(module, device_type, amp_dtype), batch)
             grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
     finally:
@@ -568,6 +569,7 @@ class StepWatch:
             "keys": {str(g["rank"]): g["keys"][micro] if micro < len(g["keys"]) else [] for g in gathered},
             "first_nonfinite_forward": origin["rerun"]["first_forward"] if origin else None,
             "first_nonfinite_backward": origin["rerun"]["first_backward"] if origin else None,
+            "note": _note(origin),
             "loss": _json_float(loss), "lr": lr, "grad_norm": _json_float(norm),
             "grad_norm_history": list(self.history),
             "dtype_path": {
@@ -586,6 +588,17 @@ class StepWatch:
         self.info(summary(report, path))
 
 
+def _note(origin: dict | None) -> str:
+    if origin is None:
+        return ("no rank reproduced a non-finite value in a re-run: a non-deterministic kernel, "
+                "or the gradient all-reduce; replay the step with `star replay`")
+    rerun = origin["rerun"]
+    if rerun["first_forward"]:
+        return ("the forward went non-finite first: the backward's non-finite values follow from it; "
+                "look at first_nonfinite_forward")
+    return "the forward stayed finite: the backward is where it went non-finite"
+
+
 def summary(report: dict, path: Path | str) -> str:
     """A few lines for the console from a report."""
 
@@ -602,6 +615,7 @@ def summary(report: dict, path: Path | str) -> str:
             f"lr {report['lr']:.3e}; autocast {dtype['autocast']}, kernels {dtype['kernel_path']})\n"
             f"  first non-finite forward : {origin(report['first_nonfinite_forward'])}\n"
             f"  first non-finite backward: {origin(report['first_nonfinite_backward'])}\n"
+            f"  {report['note']}\n"
             f"  rank {report['rank']} micro-batch {report['micro_batch']}: {shown}\n"
             f"  report: {path}")
 
