@@ -294,6 +294,8 @@ def test_nonfinite_reports_streaks_spikes_and_bit_identical_continuation(tmp_pat
     assert not (run / "nonfinite" / "step_6").exists()
     lines = (run / "nonfinite" / "step_5" / "streak.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [6]
+    follower = json.loads(lines[0])["ranks"][0]  # finite losses: every micro-batch's keys
+    assert follower["micro_batches"] == [0, 1] and follower["keys"] == [_expected_keys(10), _expected_keys(11)]
     assert sorted(p.name for p in (run / "nonfinite").iterdir()) == ["step_3", "step_5"]
 
     # loss spikes: exactly the finite steps a recomputation from metrics.jsonl flags; step 8 is one

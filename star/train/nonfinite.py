@@ -185,6 +185,7 @@ class NonfiniteProbe:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = {id(m): name for name, m in model.named_modules()}
+        self.mixers = {name: m for name, m in model.named_modules() if isinstance(m, mamba_module.Mamba)}
         self.param_owner = {}
         for mod_name, module in model.named_modules():
             for p_name, p in module.named_parameters(recurse=False):
@@ -267,35 +268,33 @@ class NonfiniteProbe:
     def _current_stage_name(self, stage: str) -> tuple[str, str]:
         mixer = self._stack[-1] if self._stack else "?"
         calls = self._scan_calls.get(mixer, 0)
-        module = self._module_by_name(mixer)
+        module = self.mixers.get(mixer)
         if stage != "in_proj" and module is not None and module.num_scans == 4:
             direction = list(mamba_module.SCAN_DIRECTIONS)[min(calls, 3)]
             stage = f"{direction}:{stage}"
         return mixer, stage
 
-    def _module_by_name(self, name: str):
-        for module in self.model.modules():
-            if self.names.get(id(module)) == name:
-                return module if isinstance(module, mamba_module.Mamba) else None
-        return None
-
-    def stage(self, stage: str, output: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    def stage(self, stage: str, outputs: torch.Tensor | list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
+        """One stage of the current mixer produced ``outputs`` from ``inputs``: check them, and
+        watch the gradients that come back to the outputs."""
+        outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
         mixer, label = self._current_stage_name(stage)
         order = self._next()
-        if self.first_forward is None and not _finite([output]):
+        input_max = _max_abs(inputs)
+        if self.first_forward is None and not _finite(outputs):
             self.first_forward = _Origin(mixer, "stage", order, stage=label, input_finite=_finite(inputs),
-                                         input_max_abs=_max_abs(inputs), output_dtype=_dtype([output]))
-        if output.requires_grad:
-            base = label.rpartition(":")[2]
-            input_max = _max_abs(inputs)
+                                         input_max_abs=input_max, output_dtype=_dtype(outputs))
+        base = label.rpartition(":")[2]
 
-            def hook(grad):
-                o = self._next()
-                if self.first_backward is None and not bool(torch.isfinite(grad).all()):
-                    self.first_backward = _Origin(mixer, "stage", o, stage=label, input_max_abs=input_max,
-                                                  produced_by=STAGE_CONSUMERS.get(base))
-                return None
-            output.register_hook(hook)
+        def hook(grad):
+            o = self._next()
+            if self.first_backward is None and not bool(torch.isfinite(grad).all()):
+                self.first_backward = _Origin(mixer, "stage", o, stage=label, input_max_abs=input_max,
+                                              produced_by=STAGE_CONSUMERS.get(base))
+            return None
+        for out in outputs:
+            if out.requires_grad:
+                out.register_hook(hook)
 
     def mamba_inner(self, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                     out_proj_weight, out_proj_bias, A, D, delta_bias, dt_rank, d_state, delta_softplus=True):
@@ -322,7 +321,7 @@ class NonfiniteProbe:
 
             def scan(u, delta, A_, B, C, D_=None, z=None, delta_bias=None, delta_softplus=False):
                 # x_proj/dt: delta (before its bias and softplus, added in the scan), B and C
-                self.stage("x_proj/dt", torch.cat([delta.flatten(), B.flatten(), C.flatten()]), [u])
+                self.stage("x_proj/dt", [delta, B, C], [u])
                 y = scan_fn(u, delta, A_, B, C, D_, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
                 self.stage("scan", y, [u, delta, B, C] + ([z] if z is not None else []))
                 return y
@@ -512,8 +511,10 @@ class StepWatch:
             return
         streak_dir = self.run_dir / "nonfinite" / f"step_{step - nonfinite_in_row + 1}"
         if not first_of_streak:  # one line per following step of the streak
+            # keys of the micro-batches with a non-finite loss (all of them when only gradients were)
+            shown = local_bad or list(range(len(self._micros)))
             gathered = all_gather_objects({"rank": self.dist_env.rank, "micro_losses": losses,
-                                           "keys": self._micros[local_bad[0]].keys if local_bad else None})
+                                           "micro_batches": shown, "keys": [self._micros[i].keys for i in shown]})
             if self.dist_env.is_main:
                 streak_dir.mkdir(parents=True, exist_ok=True)
                 line = {"step": step, "loss": _json_float(loss), "grad_norm": _json_float(norm), "lr": lr,
@@ -523,7 +524,12 @@ class StepWatch:
                     fh.write(json.dumps(line) + "\n")
                 self.info(f"[red]non-finite step {step}[/red] ({nonfinite_in_row} in a row; see {streak_dir})")
             return
-        local = self._diagnose_local(losses, engine, task)
+        try:
+            local = self._diagnose_local(losses, engine, task)
+        except Exception as exc:  # a failed diagnosis (out of memory, ...) must not end the run
+            local = {"rank": self.dist_env.rank, "micro_batch": None, "error": f"{type(exc).__name__}: {exc}",
+                     "micro_losses": [_json_float(v) for v in losses], "keys": [m.keys for m in self._micros],
+                     "rerun": None, "reruns": 0}
         gathered = all_gather_objects(local)
         if not self.dist_env.is_main:
             return
@@ -604,7 +610,7 @@ def summary(report: dict, path: Path | str) -> str:
 
     def origin(entry: dict | None) -> str:
         if not entry:
-            return "none found (the re-run stayed finite on every rank)"
+            return "none (finite in the re-run)"
         return _Origin(**{**entry, "input_max_abs": _float(entry.get("input_max_abs")),
                           "grad_output_max_abs": _float(entry.get("grad_output_max_abs"))}).describe()
 
@@ -612,7 +618,7 @@ def summary(report: dict, path: Path | str) -> str:
     shown = ", ".join(f"{s}:{k}" for s, k in keys[:4]) + (" ..." if len(keys) > 4 else "")
     dtype = report["dtype_path"]
     return (f"[red]non-finite step {report['step']}[/red] (loss {report['loss']}, grad norm {report['grad_norm']}, "
-            f"lr {report['lr']:.3e}; autocast {dtype['autocast']}, kernels {dtype['kernel_path']})\n"
+            f"lr {report['lr']:.3e}; autocast {dtype['autocast'] or 'off'}, kernels {dtype['kernel_path']})\n"
             f"  first non-finite forward : {origin(report['first_nonfinite_forward'])}\n"
             f"  first non-finite backward: {origin(report['first_nonfinite_backward'])}\n"
             f"  {report['note']}\n"
