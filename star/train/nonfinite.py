@@ -44,10 +44,11 @@ import math
 import random
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Self
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ class NonfiniteProbe:
         self._handles: list = []
 
     # ----- install / remove
-    def __enter__(self) -> "NonfiniteProbe":
+    def __enter__(self) -> Self:
         for module in self.model.modules():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook))
             self._handles.append(module.register_forward_hook(self._forward_hook))
@@ -227,7 +228,6 @@ class NonfiniteProbe:
         self._stack.append(name)
         if isinstance(module, mamba_module.Mamba):
             self._scan_calls[name] = 0
-        return None
 
     def _forward_hook(self, module, args, output):
         name = self._stack.pop() if self._stack else self.names.get(id(module), "?")
@@ -239,12 +239,11 @@ class NonfiniteProbe:
             self.first_forward = _Origin(name, "stage" if stage else "module", order, stage=stage,
                                          input_finite=_finite(inputs), input_max_abs=self._input_max[name],
                                          output_dtype=_dtype(outputs))
-        return None
 
     def _backward_hook(self, module, grad_input, grad_output):
         order = self._next()
         if self.first_backward is not None:
-            return None
+            return
         produced = _tensors(list(grad_input))
         if produced and not _finite(produced):
             name = self.names.get(id(module), "?")
@@ -252,7 +251,7 @@ class NonfiniteProbe:
             self.first_backward = _Origin(name, "module", order, input_max_abs=self._input_max.get(name),
                                           grad_output_finite=_finite(incoming),
                                           grad_output_max_abs=_max_abs(incoming))
-        return None
+        return
 
     def _param_hook(self, key: int):
         def hook(grad):
@@ -261,7 +260,6 @@ class NonfiniteProbe:
                 module, param = self.param_owner.get(key, ("?", "?"))
                 self.first_backward = _Origin(module, "parameter", order, parameter=param,
                                               input_max_abs=self._input_max.get(module))
-            return None
         return hook
 
     # ----- Mamba stages (star.models.mamba calls these while STAGE_PROBE is this probe)
@@ -291,7 +289,6 @@ class NonfiniteProbe:
             if self.first_backward is None and not bool(torch.isfinite(grad).all()):
                 self.first_backward = _Origin(mixer, "stage", o, stage=label, input_max_abs=input_max,
                                               produced_by=STAGE_CONSUMERS.get(base))
-            return None
         for out in outputs:
             if out.requires_grad:
                 out.register_hook(hook)
@@ -302,10 +299,10 @@ class NonfiniteProbe:
         picks (``dispatch._compose_inner`` with probing wrappers), so the numbers are the
         training run's; the fused mamba_inner_fn is called as is (coarse stage)."""
         mixer = self._stack[-1] if self._stack else "?"
-        kwargs = dict(conv1d_weight=conv1d_weight, conv1d_bias=conv1d_bias, x_proj_weight=x_proj_weight,
-                      delta_proj_weight=delta_proj_weight, out_proj_weight=out_proj_weight,
-                      out_proj_bias=out_proj_bias, A=A, D=D, delta_bias=delta_bias, dt_rank=dt_rank,
-                      d_state=d_state, delta_softplus=delta_softplus)
+        kwargs = {"conv1d_weight": conv1d_weight, "conv1d_bias": conv1d_bias, "x_proj_weight": x_proj_weight,
+                  "delta_proj_weight": delta_proj_weight, "out_proj_weight": out_proj_weight,
+                  "out_proj_bias": out_proj_bias, "A": A, "D": D, "delta_bias": delta_bias, "dt_rank": dt_rank,
+                  "d_state": d_state, "delta_softplus": delta_softplus}
         fused = ops.kernel_backend_for(xz, "mamba_inner") == "cuda"
         if fused and out_proj_weight is not None:
             out = ops.mamba_inner(xz, **kwargs)
@@ -459,7 +456,7 @@ class StepWatch:
         self.spikes = SpikeDetector(self.spike_k, self.spike_window, self.spike_min_samples)
 
     @classmethod
-    def from_config(cls, cfg, run_dir, dist_env, loader, generators, info) -> "StepWatch":
+    def from_config(cls, cfg, run_dir, dist_env, loader, generators, info) -> StepWatch:
         return cls(run_dir, dist_env, loader, cfg.log.diagnose_nonfinite, cfg.log.spike_k,
                    cfg.log.spike_window, cfg.log.spike_min_samples, generators=generators, info=info)
 
@@ -526,7 +523,7 @@ class StepWatch:
             return
         try:
             local = self._diagnose_local(losses, engine, task)
-        except Exception as exc:  # a failed diagnosis (out of memory, ...) must not end the run
+        except RuntimeError as exc:  # a failed diagnosis (out of memory, ...) must not end the run
             local = {"rank": self.dist_env.rank, "micro_batch": None, "error": f"{type(exc).__name__}: {exc}",
                      "micro_losses": [_json_float(v) for v in losses], "keys": [m.keys for m in self._micros],
                      "rerun": None, "reruns": 0}
@@ -650,7 +647,6 @@ def inject_nonfinite(model: nn.Module, module_name: str, micro_batches: set[int]
             state["next"] += 1
             seen.append((first, number))
         state["count"] = number
-        return None
 
     def bump(t: torch.Tensor) -> torch.Tensor:
         extra = torch.zeros_like(t)
