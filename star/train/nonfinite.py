@@ -33,8 +33,12 @@ above the mean of the previous ``log.spike_window`` finite losses (once
 (``RUN_DIR/loss_spikes.jsonl``) and is counted in metrics.jsonl (``loss_spikes``). It
 changes no training decision.
 
-``star replay`` re-uses :func:`diagnose_micro_batch` and :func:`batch_keys` on the
-micro-batches of the step it reconstructs.
+For ``star replay``: the report holds what it needs to find the step (``step``, ``epoch``,
+``step_in_epoch`` as in metrics.jsonl, ``micro_batch``); once the replay has the model at the
+step's start and the micro-batch in hand, it takes ``state = rng_snapshot(task.rng_generators)``
+before each micro-batch's real forward and calls ``diagnose_micro_batch(engine.module, task.loss,
+batch, amp_dtype=engine_amp_dtype(engine), loss_scale=1 / accum_steps, rng_state=state,
+generators=task.rng_generators)`` for the origin; ``batch_keys(loader, batch)`` names the samples.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def rng_snapshot(generators: dict[str, torch.Generator] | None = None) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device: the only one it draws on
     return state
 
 
@@ -128,7 +132,7 @@ def rng_restore(state: dict, generators: dict[str, torch.Generator] | None = Non
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
     for key, gen in (generators or {}).items():
         gen.set_state(state["generators"][key])
 
@@ -316,16 +320,19 @@ class NonfiniteProbe:
                 self.stage("conv", out, [x])
                 return out
 
+            scanned: list[torch.Tensor] = []
+
             def scan(u, delta, A_, B, C, D_=None, z=None, delta_bias=None, delta_softplus=False):
                 # x_proj/dt: delta (before its bias and softplus, added in the scan), B and C
                 self.stage("x_proj/dt", [delta, B, C], [u])
                 y = scan_fn(u, delta, A_, B, C, D_, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
                 self.stage("scan", y, [u, delta, B, C] + ([z] if z is not None else []))
+                scanned.append(y)
                 return y
 
             out = dispatch._compose_inner(xz, conv_fn=conv, scan_fn=scan, **kwargs)
             if out_proj_weight is not None:
-                self.stage("out_proj", out, [])
+                self.stage("out_proj", out, scanned)
         self._scan_calls[mixer] = self._scan_calls.get(mixer, 0) + 1
         return out
 
