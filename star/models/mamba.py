@@ -8,7 +8,7 @@ weight uniform +-dt_rank**-0.5), ``A_log`` (S4D-real: log(1..d_state) per channe
 ``A_log``, ``D`` and ``dt_proj.bias`` of every direction carry ``_keep_fp32 = True``
 (see :func:`fp32_parameter_names`).
 
-Four scans (fine-tuning, STAR paper section 4.1). The directions share in_proj and out_proj; each has
+Four scans (fine-tuning, STAR Sec. 3.1). The directions share in_proj and out_proj; each has
 its own conv1d, x_proj, dt_proj, A_log and D, named with the suffixes of the official ARM /
 Vim release so its fine-tuned checkpoints load unchanged:
 

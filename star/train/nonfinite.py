@@ -311,9 +311,8 @@ class NonfiniteProbe:
         if fused and out_proj_weight is not None:
             out = ops.mamba_inner(xz, **kwargs)
             self.stage("mamba_inner(fused)", out, [xz])
-        else:
-            conv_fn, scan_fn = ((ops.causal_conv1d, ops.selective_scan) if fused
-                                else (ops.causal_conv1d_torch, ops.selective_scan_torch))
+        else:  # conv and scan each take their own path, as in star.ops.mamba_inner
+            conv_fn, scan_fn = ops.causal_conv1d, ops.selective_scan
 
             def conv(x, weight, bias=None, activation=None):
                 out = conv_fn(x, weight, bias, activation)
