@@ -220,12 +220,16 @@ def test_spike_config_is_checked():
 
 # ------------------------------------------------------------------ in training
 SCRIPT = """
-import json, os, sys
+import inspect, json, os, sys
 from pathlib import Path
 from star.config import load_config
 from star.train.nonfinite import inject_nonfinite
-from star.train.pretrain import make_pretrain_task
 from star.train.runtime import build_model, run_training
+# run_training(cfg, run_dir, make_task, ...) before the build_training refactor, without make_task after
+task_args = ()
+if "make_task" in inspect.signature(run_training).parameters:
+    from star.train.pretrain import make_pretrain_task
+    task_args = (make_pretrain_task,)
 
 faults = json.loads(sys.argv[2])
 rank = int(os.environ.get("RANK", "0"))
@@ -235,12 +239,14 @@ def factory(cfg):
     for fault in faults:
         if fault.get("rank", rank) != rank:
             continue
-        inject_nonfinite(model, fault["module"], set(fault["calls"]), phase=fault.get("phase", "forward"),
+        # "LAST": the prediction head (the last module; its name differs between model layouts)
+        name = [n for n, _ in model.named_modules()][-1] if fault["module"] == "LAST" else fault["module"]
+        inject_nonfinite(model, name, set(fault["calls"]), phase=fault.get("phase", "forward"),
                          value=float(fault.get("value", "inf")))
     return model
 
 cfg = load_config("smoke", sys.argv[3:])
-sys.exit(run_training(cfg, Path(sys.argv[1]), make_pretrain_task, model_factory=factory))
+sys.exit(run_training(cfg, Path(sys.argv[1]), *task_args, model_factory=factory))
 """
 
 # 96 images, 8 per micro-batch, 2 micro-batches per step: forward call c is step c // 2 + 1,
@@ -248,7 +254,7 @@ sys.exit(run_training(cfg, Path(sys.argv[1]), make_pretrain_task, model_factory=
 # step 8: a large finite error on the predictions (a loss spike).
 FAULTS = [{"module": "layers.1.mlp.w2", "calls": [5]},
           {"module": "layers.0.mixer", "calls": [8, 10], "phase": "backward"},
-          {"module": "ar_pred", "calls": [14], "value": 3000.0}]
+          {"module": "LAST", "calls": [14], "value": 3000.0}]
 OVERRIDES = ["batch.global_images=16", "batch.micro_images=8", "ds_config=cpu_zero2_fp32", "model.drop_path=0.2",
              "schedule.max_steps=9", "log.spike_window=4", "log.spike_min_samples=3", "log.spike_k=3"]
 
