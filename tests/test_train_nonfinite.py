@@ -218,6 +218,20 @@ def test_spike_config_is_checked():
         load_config("smoke", ["log.spike_windw=3"])
 
 
+def test_a_resumed_run_cuts_the_spike_and_streak_logs_back(tmp_path):
+    from star.train.distributed import DistEnv
+    from star.train.nonfinite import StepWatch
+
+    (tmp_path / "nonfinite" / "step_5").mkdir(parents=True)
+    spikes, streak = tmp_path / "loss_spikes.jsonl", tmp_path / "nonfinite" / "step_5" / "streak.jsonl"
+    spikes.write_text("".join(json.dumps({"step": s}) + "\n" for s in (3, 8)))
+    streak.write_text("".join(json.dumps({"step": s}) + "\n" for s in (6, 7, 9)))
+    env = DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
+    StepWatch.from_config(load_config("smoke"), tmp_path, env, None, {}, print, resume_step=7)
+    assert [json.loads(line)["step"] for line in spikes.read_text().splitlines()] == [3]
+    assert [json.loads(line)["step"] for line in streak.read_text().splitlines()] == [6, 7]
+
+
 # ------------------------------------------------------------------ in training
 SCRIPT = """
 import inspect, json, os, sys

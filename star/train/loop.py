@@ -122,8 +122,8 @@ class Trainer:
         logger = RunLogger(self.run_dir, enabled=self.dist_env.is_main, every_steps=cfg.log.every_steps,
                            tensorboard=cfg.log.tensorboard, resume_step=self.state.step if resumed else None)
         self.logger = logger
-        self.watch = StepWatch.from_config(cfg, self.run_dir, self.dist_env, self.loader,
-                                           self.task.rng_generators, logger.info)
+        self.watch = StepWatch.from_config(cfg, self.run_dir, self.dist_env, self.loader, self.task.rng_generators,
+                                           logger.info, resume_step=self.state.step if resumed else None)
         where = f"resumed at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} " \
                 f"of it)" if resumed else "new run"
         logger.info(f"[bold]{cfg.kind}[/bold] {cfg.name or ''} in {self.run_dir}: {where}; "

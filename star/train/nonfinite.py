@@ -62,6 +62,7 @@ from star import ops
 from star.models import mamba as mamba_module
 from star.ops import dispatch
 from star.train.distributed import DistEnv, all_gather_objects
+from star.train.metrics import truncate_jsonl
 
 GRAD_HISTORY = 50  # steps of (loss, grad norm) kept for the report
 
@@ -462,7 +463,15 @@ class StepWatch:
         self.spikes = SpikeDetector(self.spike_k, self.spike_window, self.spike_min_samples)
 
     @classmethod
-    def from_config(cls, cfg, run_dir, dist_env, loader, generators, info) -> StepWatch:
+    def from_config(cls, cfg, run_dir, dist_env, loader, generators, info,
+                    resume_step: int | None = None) -> StepWatch:
+        """The loop's watch; a resumed run (``resume_step``) first cuts the spike and streak logs
+        back to that step, as RunLogger does with metrics.jsonl, so each step appears once. The
+        spike window starts empty again (``spike_min_samples`` steps before the first check)."""
+        if resume_step is not None and dist_env.is_main:
+            run_dir = Path(run_dir)
+            for path in [run_dir / "loss_spikes.jsonl", *run_dir.glob("nonfinite/step_*/streak.jsonl")]:
+                truncate_jsonl(path, resume_step)
         return cls(run_dir, dist_env, loader, cfg.log.diagnose_nonfinite, cfg.log.spike_k,
                    cfg.log.spike_window, cfg.log.spike_min_samples, generators=generators, info=info)
 
