@@ -161,6 +161,14 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 20          # console line cadence; metrics.jsonl gets every step
     tensorboard: bool = True       # when the tensorboard package is installed
+    # At the first non-finite step of a streak, re-run its micro-batch with hooks and write
+    # RUN_DIR/nonfinite/step_S/report.json (star/train/nonfinite.py); training is unchanged.
+    diagnose_nonfinite: bool = True
+    # Loss spike: loss > mean + spike_k * std of the last spike_window finite losses (after
+    # spike_min_samples of them); a warning and a count in metrics, never a decision.
+    spike_k: float = 6.0
+    spike_window: int = 200
+    spike_min_samples: int = 50
 
 
 @dataclass
@@ -493,11 +501,16 @@ def validate(cfg: Config) -> Config:
     positive = {"batch.global_images": cfg.batch.global_images, "batch.micro_images": cfg.batch.micro_images,
                 "model.images_per_seq": cfg.model.images_per_seq, "schedule.epochs": cfg.schedule.epochs,
                 "checkpoint.every_steps": cfg.checkpoint.every_steps, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-                "log.every_steps": cfg.log.every_steps, "max_nonfinite_in_row": cfg.max_nonfinite_in_row,
+                "log.every_steps": cfg.log.every_steps, "log.spike_k": cfg.log.spike_k,
+                "log.spike_window": cfg.log.spike_window, "log.spike_min_samples": cfg.log.spike_min_samples,
+                "max_nonfinite_in_row": cfg.max_nonfinite_in_row,
                 "eval_every_epochs": cfg.eval_every_epochs}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key `{key}` must be positive, got {value}")
+    if cfg.log.spike_min_samples > cfg.log.spike_window:
+        raise ConfigError(f"log.spike_min_samples={cfg.log.spike_min_samples} exceeds log.spike_window="
+                          f"{cfg.log.spike_window}: no spike could ever be flagged; lower it")
     if cfg.batch.micro_images % cfg.model.images_per_seq:
         raise ConfigError(f"batch.micro_images={cfg.batch.micro_images} is not a multiple of "
                           f"model.images_per_seq={cfg.model.images_per_seq} (N images make one sequence)")

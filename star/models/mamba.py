@@ -49,6 +49,10 @@ SCAN_DIRECTIONS: dict[str, str] = {
     "col_forward": "_c",
     "col_backward": "_c_b",
 }
+
+# Non-finite diagnosis (star/train/nonfinite.py) sets this to its probe while it re-runs one
+# micro-batch; it is None otherwise, so training pays one `is None` test per mixer call.
+STAGE_PROBE = None
 PER_DIRECTION_PARAMS = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
                         "dt_proj.bias", "A_log", "D")
 
@@ -143,7 +147,8 @@ class Mamba(nn.Module):
         """One direction over xz (B, 2*d_inner, L) already in scan order."""
         conv = getattr(self, f"conv1d{suffix}")
         dt_proj = getattr(self, f"dt_proj{suffix}")
-        return ops.mamba_inner(
+        inner = ops.mamba_inner if STAGE_PROBE is None else STAGE_PROBE.mamba_inner  # diagnosis only
+        return inner(
             xz,
             conv1d_weight=conv.weight,
             conv1d_bias=conv.bias,
@@ -172,6 +177,8 @@ class Mamba(nn.Module):
         # (B, L, D) -> (B, 2*d_inner, L) with L contiguous, as mamba-ssm lays it out
         xz = (self.in_proj.weight @ x.reshape(batch * length, -1).t()).reshape(-1, batch, length)
         xz = xz.transpose(0, 1)
+        if STAGE_PROBE is not None:  # diagnosis only (star/train/nonfinite.py)
+            STAGE_PROBE.stage("in_proj", xz, [x])
         if self.num_scans == 1:
             return self._scan(xz, "", with_out_proj=True)
 

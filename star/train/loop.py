@@ -5,12 +5,15 @@ One optimizer step = ``accum_steps`` micro-batches from the loader, each through
 boundary). Per step, and in this order:
 
 1. lr = schedule(step) x group lr_scale, a pure function of the step;
-2. the micro-batches; a non-finite loss is not special-cased on the way: its NaN/inf
-   gradients make ZeRO-1/2's global grad norm non-finite, and DeepSpeed then skips the
-   update on *every* rank (the norm is global), leaving weights and AdamW states untouched;
+2. the micro-batches (their sample keys and RNG states noted for a diagnosis); a non-finite
+   loss is not special-cased on the way: its NaN/inf gradients make ZeRO-1/2's global grad
+   norm non-finite, and DeepSpeed then skips the update on *every* rank (the norm is global),
+   leaving weights and AdamW states untouched;
 3. one all-reduce of [stop requested, non-finite seen, loss, data wait] so all ranks agree
    on stopping and on counting the step as skipped;
-4. EMA update (taken steps only), a metrics.jsonl record;
+4. a non-finite step is diagnosed (first of a streak: re-run with hooks, report; see
+   star/train/nonfinite.py), a finite one checked for a loss spike; EMA update (taken steps
+   only), a metrics.jsonl record;
 5. stop (save, exit 75) / too many non-finite steps in a row (save, exit 76) / periodic
    checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates) then a checkpoint.
 
@@ -37,6 +40,7 @@ from star.train.distributed import DistEnv, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
+from star.train.nonfinite import StepWatch
 from star.train.run_info import run_info_log_lines
 from star.train.schedule import lr_at, scaled_lr
 from star.train.stopping import StopFlag
@@ -65,6 +69,7 @@ class TrainState:
     step_in_epoch: int = 0    # optimizer steps of that epoch done
     skipped_steps: int = 0    # non-finite steps, total
     nonfinite_in_row: int = 0
+    loss_spikes: int = 0      # finite steps flagged as loss spikes (star/train/nonfinite.py)
 
 
 def _record_finished(logger: RunLogger, state: TrainState) -> None:
@@ -126,6 +131,8 @@ class Trainer:
         logger = RunLogger(self.run_dir, enabled=self.dist_env.is_main, every_steps=cfg.log.every_steps,
                            tensorboard=cfg.log.tensorboard, resume_step=self.state.step if resumed else None)
         self.logger = logger
+        self.watch = StepWatch.from_config(cfg, self.run_dir, self.dist_env, self.loader, self.task.rng_generators,
+                                           logger.info, resume_step=self.state.step if resumed else None)
         where = f"resumed at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} " \
                 f"of it)" if resumed else "new run"
         logger.info(f"[bold]{cfg.kind}[/bold] {cfg.name or ''} in {self.run_dir}: {where}; "
@@ -202,10 +209,12 @@ class Trainer:
                    total_steps=self.total_steps, min_lr=self.min_lr)
         set_lr(engine.optimizer, lr)
         wait, losses = 0.0, []
+        self.watch.start_step()
         for _ in range(plan.accum_steps):
             t_wait = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_wait
+            self.watch.micro_batch(batch)
             loss = self.task.loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -228,6 +237,11 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(engine.module)
         world = plan.world_size
+        watched = self.watch.after_step(
+            step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch, skipped=skipped,
+            nonfinite_in_row=state.nonfinite_in_row, losses=losses, loss=loss_sum / world, lr=lr, norm=norm,
+            engine=engine, task=self.task)
+        state.loss_spikes += int(watched["loss_spike"])
         logger.step({
             "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
             "total_steps": self.total_steps, "loss": loss_sum / world, "lr": lr, "grad_norm": norm,
@@ -235,6 +249,7 @@ class Trainer:
             "images_per_s": plan.global_images / max(step_time, 1e-9),
             "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
             "corrupt_skipped": int(corrupt_sum),
+            "loss_spike": watched["loss_spike"], "loss_spikes": state.loss_spikes,
             "time": time.time(),
             **self._record_extra,  # [h10] run_info, in this start's first record only
         })
