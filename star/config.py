@@ -123,6 +123,7 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 20          # console line cadence; metrics.jsonl gets every step
     tensorboard: bool = True       # when the tensorboard package is installed
+    sample_indices: bool = False   # debug: each step's sample indices (all ranks) in metrics.jsonl
 
 
 @dataclass

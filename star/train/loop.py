@@ -15,7 +15,11 @@ boundary). Per step, and in this order:
    checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates) then a checkpoint.
 
 The data position is (epoch, step within epoch): a resumed run asks the loader for
-``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would.
+``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would. An
+optimizer step covers the same samples for any world size and micro-batch size (positions
+[k*G, (k+1)*G) of the epoch's order, pipelines/sampling.py), so a checkpoint also resumes on
+another number of ranks (star/train/elastic.py); ``log.sample_indices=true`` writes each step's
+sample indices to metrics.jsonl to check it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from star.config import Config
 from star.train import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
 from star.train.checkpoint import Checkpointer, CheckpointWriteError
-from star.train.distributed import DistEnv, all_reduce_sum
+from star.train.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
@@ -87,6 +91,7 @@ class Trainer:
         self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
         self.state = TrainState()
+        self.resize_note: str | None = None  # the elastic-resume line, logged once the logger exists
 
     # ---------------------------------------------------------------- checkpoint glue
     def _client_state(self) -> dict:
@@ -101,6 +106,14 @@ class Trainer:
         if client is None:
             return False
         self.state = TrainState(**client["train_state"])
+        saved_world = self.ckpt.loaded_world_size
+        if saved_world is not None and saved_world != self.plan.world_size:
+            batch = (client.get("config") or {}).get("batch", {})
+            old_micro = batch.get("micro_images", self.plan.micro_images)
+            old_accum = self.plan.global_images // (old_micro * saved_world)
+            self.resize_note = (f"resumed step {self.state.step} from a {saved_world}-rank checkpoint on "
+                                f"{self.plan.world_size} ranks (accumulation {old_accum} -> {self.plan.accum_steps}); "
+                                f"per-rank random streams (drop path) re-seeded from (seed, step, rank)")
         if self.ema is not None:
             if client.get("ema") is None:
                 raise RuntimeError("ema.enabled=true but the checkpoint has no EMA; it was started with "
@@ -124,6 +137,8 @@ class Trainer:
                     f"(running to {self.end_step}); global batch {plan.global_images} images = "
                     f"{plan.global_sequences} sequences of {plan.images_per_seq}, {plan.world_size} rank(s) x "
                     f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
+        if self.resize_note:
+            logger.info(self.resize_note)
         try:
             return self._run(logger, stop)
         except CheckpointWriteError as exc:
@@ -171,11 +186,13 @@ class Trainer:
         lr = lr_at(state.step, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps,
                    total_steps=self.total_steps, min_lr=self.min_lr)
         set_lr(engine.optimizer, lr)
-        wait, losses = 0.0, []
+        wait, losses, indices = 0.0, [], []
         for _ in range(plan.accum_steps):
             t_wait = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_wait
+            if cfg.log.sample_indices:
+                indices += batch.indices.tolist()
             loss = self.task.loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -198,6 +215,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(engine.module)
         world = plan.world_size
+        # every rank's samples of this step, as a sorted list: the set a step averages over
+        samples = sorted(i for part in all_gather_objects(indices) for i in part) if cfg.log.sample_indices else None
         logger.step({
             "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
             "total_steps": self.total_steps, "loss": loss_sum / world, "lr": lr, "grad_norm": norm,
@@ -206,6 +225,7 @@ class Trainer:
             "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
             "corrupt_skipped": int(corrupt_sum),
             "time": time.time(),
+            **({"samples": samples} if samples is not None else {}),
         })
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
             self.save()

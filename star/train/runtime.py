@@ -128,7 +128,7 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
     ``make_task(cfg, model, dist_env, device, plan, amp_dtype)`` returns the Task; ``prepare_model(model)``
     runs after construction (fine-tuning loads the pretrained weights there).
     """
-    from star.train.distributed import destroy, init_distributed, resolve_device
+    from star.train.distributed import destroy, init_distributed, resolve_device, resolve_dist_env
     from star.train.engine import (autocast_dtype, build_ds_config, build_engine, plan_batches,
                                    resolve_ds_config_path)
     from star.train.loop import Trainer
@@ -141,6 +141,7 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
     device = resolve_device(cfg.device)
     ds_path = resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
+    plan_batches(cfg, resolve_dist_env().world_size)  # elastic resume: a world size that cannot keep the batch
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job
     try:
         dist_env = init_distributed(device)
