@@ -235,7 +235,7 @@ class Checkpointer:
                                                     load_lr_scheduler_states=False, load_module_only=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        restore_repartitioned(engine, self.dir / tag, saved_world)
+        restore_repartitioned(engine, self.dir / tag, saved_world, client_state)
         seed = int((client_state.get("config") or {}).get("seed", 0))
         step = int((client_state.get("train_state") or {}).get("step", 0))
         reseed(seed, step, self.rank, rng_extra)

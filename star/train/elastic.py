@@ -22,7 +22,7 @@ the engine exists; a consolidated copy written at save time would cost 12 bytes 
 *every* checkpoint for an event that happens a few times per run. Reading the shards at resume
 time costs nothing at save time; the price is that every rank reads the whole optimizer state
 once (12 bytes a parameter: 1.2 GB at STAR-B's ~100 M parameters) and holds it in host memory
-while it re-partitions (docs/design.md, resuming).
+while it re-partitions (docs/design.md, "Elastic resume").
 
 What cannot carry over are the per-rank random streams (drop path, mixup): W files of RNG
 state do not map onto W' ranks. :func:`reseed` derives them from (seed, step, rank) instead, so
@@ -47,7 +47,6 @@ from star.config import ConfigError
 from star.train.safe_load import safe_load
 
 OPTIM_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def checkpoint_world_size(step_dir: str | Path) -> int:
@@ -73,11 +72,12 @@ def check_world_size(global_images: int, micro_images: int, images_per_seq: int,
         if global_images % world_size == 0 else []
     with_sizes = (f"run on {', '.join(map(str, sizes))} ranks with batch.micro_images={micro_images}"
                   if sizes else f"no world size works with batch.micro_images={micro_images}")
-    with_micro = (f"or keep {world_size} ranks and set batch.micro_images to one of {', '.join(map(str, micros))}"
+    with_micro = (f"or keep {world_size} ranks and set batch.micro_images to one of {', '.join(map(str, micros))} "
+                  f"(gradient accumulation makes up the rest)"
                   if micros else f"no batch.micro_images works on {world_size} ranks "
-                                 f"({global_images} images are not {world_size} whole shares of sequences)")
-    raise ConfigError(f"batch.global_images={global_images} cannot be split into micro-batches of "
-                      f"batch.micro_images={micro_images} on {world_size} ranks: {with_sizes}; {with_micro}")
+                                 f"({global_images} images do not split into whole sequences per rank)")
+    raise ConfigError(f"batch.global_images={global_images} is not a multiple of batch.micro_images="
+                      f"{micro_images} x {world_size} ranks = {micro_images * world_size}: {with_sizes}; {with_micro}")
 
 
 def reseed(seed: int, step: int, rank: int, extra: dict[str, torch.Generator] | None = None) -> None:
@@ -95,10 +95,11 @@ def _lean(value: torch.Tensor, padding: int) -> torch.Tensor:
     return value[:value.numel() - padding] if padding else value
 
 
-def merged_states(step_dir: str | Path, world_size: int) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+def merged_states(step_dir: str | Path, world_size: int) -> tuple[list[dict[str, torch.Tensor]], list[dict], list | None]:
     """Per parameter group: the unpartitioned flat fp32 master (key ``fp32``) and every
-    partitioned optimizer state (``exp_avg``, ``exp_avg_sq``), and the group's scalar states
-    (AdamW's ``step``), from the ``world_size`` shards of ``step_dir``."""
+    partitioned optimizer state (``exp_avg``, ``exp_avg_sq``), the group's scalar states
+    (AdamW's ``step``), from the ``world_size`` shards of ``step_dir``; and the per-parameter
+    alignment paddings (None when the checkpoint predates them)."""
     shards = [safe_load(Path(step_dir) / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
               for r in range(world_size)]
     groups = len(shards[0]["single_partition_of_fp32_groups"])
@@ -123,7 +124,7 @@ def merged_states(step_dir: str | Path, world_size: int) -> tuple[list[dict[str,
                     scalar.setdefault(key, value)
         flats.append({key: torch.cat(parts) for key, parts in pieces.items()})
         scalars.append(scalar)
-    return flats, scalars
+    return flats, scalars, shards[0].get("param_alignment_paddings")
 
 
 def per_parameter(flats: list[dict[str, torch.Tensor]], param_shapes: list[dict],
@@ -149,18 +150,17 @@ def per_parameter(flats: list[dict[str, torch.Tensor]], param_shapes: list[dict]
     return out
 
 
-def restore_repartitioned(engine, step_dir: str | Path, saved_world_size: int) -> None:
+def restore_repartitioned(engine, step_dir: str | Path, saved_world_size: int, model_states: dict) -> None:
     """Load fp32 master weights and AdamW moments written by ``saved_world_size`` ranks into
-    ``engine``'s partitions (any world size). Every rank calls this; no collectives."""
+    ``engine``'s partitions (any world size). ``model_states``: the checkpoint's
+    mp_rank_00_model_states.pt without its module (the client state of DeepSpeed's
+    ``load_module_only``), for ``param_shapes`` and the engine's counters. Every rank calls
+    this; no collectives."""
     step_dir = Path(step_dir)
     optimizer = engine.optimizer
     if not hasattr(optimizer, "single_partition_of_fp32_groups"):
         raise RuntimeError("elastic resume needs a ZeRO stage 1/2 optimizer (ds_config zero_optimization.stage)")
-    model_states = safe_load(step_dir / MODEL_STATES)
-    flats, scalars = merged_states(step_dir, saved_world_size)
-    first = safe_load(step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-    paddings = first.get("param_alignment_paddings")
-    del first
+    flats, scalars, paddings = merged_states(step_dir, saved_world_size)
     full = per_parameter(flats, model_states["param_shapes"], paddings, saved_world_size)
     named = dict(engine.module.named_parameters())
     missing = sorted(set(named) - set(full))
