@@ -95,7 +95,8 @@ def _lean(value: torch.Tensor, padding: int) -> torch.Tensor:
     return value[:value.numel() - padding] if padding else value
 
 
-def merged_states(step_dir: str | Path, world_size: int) -> tuple[list[dict[str, torch.Tensor]], list[dict], list | None]:
+def merged_states(step_dir: str | Path,
+                  world_size: int) -> tuple[list[dict[str, torch.Tensor]], list[dict], list | None]:
     """Per parameter group: the unpartitioned flat fp32 master (key ``fp32``) and every
     partitioned optimizer state (``exp_avg``, ``exp_avg_sq``), the group's scalar states
     (AdamW's ``step``), from the ``world_size`` shards of ``step_dir``; and the per-parameter
