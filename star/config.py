@@ -169,6 +169,7 @@ class LogConfig:
     spike_k: float = 6.0
     spike_window: int = 200
     spike_min_samples: int = 50
+    sample_indices: bool = False   # debug: each step's sample indices (all ranks) in metrics.jsonl
 
 
 @dataclass
@@ -245,6 +246,9 @@ RANGES: dict[str, str] = {
     "checkpoint.every_steps": "[1, inf)",
     "checkpoint.keep_last": "[1, inf)",
     "log.every_steps": "[1, inf)",
+    "log.spike_k": "(0, inf)",
+    "log.spike_window": "[2, inf)",
+    "log.spike_min_samples": "[2, inf)",
 }
 
 

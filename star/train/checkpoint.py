@@ -12,6 +12,10 @@ Every rank calls ``engine.save_checkpoint`` (ZeRO shards are per rank) with Deep
 the pointer (write ``latest.tmp``, fsync, ``os.replace``) and prunes old checkpoints. A crash
 at any moment leaves ``latest`` naming a checkpoint that is complete. The training position
 (step, epoch, step within epoch), EMA and counters travel in DeepSpeed's ``client_state``.
+
+A checkpoint written by W ranks resumes on any other number of ranks: the optimizer state is
+re-partitioned from the W shards (star/train/elastic.py) and the per-rank random streams, which
+cannot be mapped from W ranks onto W', are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from star.train.distributed import all_reduce_sum, barrier
+from star.train.elastic import checkpoint_world_size, reseed, restore_repartitioned
 from star.train.safe_load import check_checkpoint_dir, safe_load, use_safe_loading
 
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -94,6 +99,7 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.rank = rank
         self.keep_last = keep_last
+        self.loaded_world_size: int | None = None  # ranks that wrote the checkpoint last loaded
 
     @property
     def pointer(self) -> Path:
@@ -207,14 +213,30 @@ class Checkpointer:
         if tag is None:
             return None
         use_safe_loading(engine)  # DeepSpeed's own loader unpickles with weights_only=False
+        saved_world = checkpoint_world_size(self.dir / tag)
+        self.loaded_world_size = saved_world
+        if saved_world != engine.dp_world_size:
+            return self._load_elastic(engine, tag, saved_world, rng_extra)
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng_rank{self.rank:05d}.pt"
-        if rng_file.is_file():
-            restore_rng(safe_load(rng_file), rng_extra)
-        else:
-            raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by a run with a "
-                                    f"different number of ranks; resume with the same world size")
+        if not rng_file.is_file():
+            raise FileNotFoundError(f"{rng_file} is missing: the checkpoint {self.dir / tag} is incomplete")
+        restore_rng(safe_load(rng_file), rng_extra)
+        return client_state
+
+    def _load_elastic(self, engine, tag: str, saved_world: int, rng_extra: dict | None) -> dict:
+        """A checkpoint of ``saved_world`` ranks into an engine of another world size: the module
+        through DeepSpeed, master weights and moments re-partitioned by star/train/elastic.py,
+        fresh per-rank random streams from (seed, step, rank)."""
+        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=False,
+                                                    load_lr_scheduler_states=False, load_module_only=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        restore_repartitioned(engine, self.dir / tag, saved_world, client_state)
+        seed = int((client_state.get("config") or {}).get("seed", 0))
+        step = int((client_state.get("train_state") or {}).get("step", 0))
+        reseed(seed, step, self.rank, rng_extra)
         return client_state

@@ -30,6 +30,7 @@ import torch
 
 from star.config import Config, ConfigError
 from star.models import fp32_parameter_names
+from star.train.elastic import check_world_size
 
 # Shipped inside the package (package data), so an installed wheel resolves ds_config=auto too.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -59,11 +60,7 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     """Gradient accumulation from global = micro x accumulation x world size (exactly)."""
     n = cfg.model.images_per_seq if cfg.kind == "pretrain" else 1
     per_step = cfg.batch.micro_images * world_size
-    if cfg.batch.global_images % per_step:
-        raise ConfigError(
-            f"batch.global_images={cfg.batch.global_images} is not a multiple of batch.micro_images="
-            f"{cfg.batch.micro_images} x world size {world_size} = {per_step}; set batch.micro_images to "
-            f"a divisor of global_images / world size (gradient accumulation makes up the rest)")
+    check_world_size(cfg.batch.global_images, cfg.batch.micro_images, n, world_size)
     return BatchPlan(n, cfg.batch.micro_images, cfg.batch.global_images // per_step, world_size)
 
 

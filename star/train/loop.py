@@ -18,7 +18,11 @@ boundary). Per step, and in this order:
    checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates) then a checkpoint.
 
 The data position is (epoch, step within epoch): a resumed run asks the loader for
-``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would.
+``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would. An
+optimizer step covers the same samples for any world size and micro-batch size (positions
+[k*G, (k+1)*G) of the epoch's order, pipelines/sampling.py), so a checkpoint also resumes on
+another number of ranks (star/train/elastic.py); ``log.sample_indices=true`` writes each step's
+sample indices to metrics.jsonl to check it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from rich.markup import escape
 from star.config import Config
 from star.train import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
 from star.train.checkpoint import Checkpointer, CheckpointWriteError
-from star.train.distributed import DistEnv, all_reduce_sum
+from star.train.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
@@ -101,6 +105,7 @@ class Trainer:
         # carries it (key "run_info"), so metrics.jsonl alone says which kernel path ran.
         self.run_info = run_info
         self._record_extra = {"run_info": run_info} if run_info is not None else {}
+        self.resize_note: str | None = None  # the elastic-resume line, logged once the logger exists
 
     # ---------------------------------------------------------------- checkpoint glue
     def _client_state(self) -> dict:
@@ -115,6 +120,14 @@ class Trainer:
         if client is None:
             return False
         self.state = TrainState(**client["train_state"])
+        saved_world = self.ckpt.loaded_world_size
+        if saved_world is not None and saved_world != self.plan.world_size:
+            batch = (client.get("config") or {}).get("batch", {})
+            old_micro = batch.get("micro_images", self.plan.micro_images)
+            old_accum = self.plan.global_images // (old_micro * saved_world)
+            self.resize_note = (f"resumed step {self.state.step} from a {saved_world}-rank checkpoint on "
+                                f"{self.plan.world_size} ranks (accumulation {old_accum} -> {self.plan.accum_steps}); "
+                                f"per-rank random streams (drop path) re-seeded from (seed, step, rank)")
         if self.ema is not None:
             if client.get("ema") is None:
                 raise RuntimeError("ema.enabled=true but the checkpoint has no EMA; it was started with "
@@ -142,6 +155,8 @@ class Trainer:
                     f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
         for line in run_info_log_lines(self.run_info) if self.run_info else []:  # [h10]
             logger.info(escape(line))  # reasons may hold brackets ('.[cuda]')
+        if self.resize_note:
+            logger.info(self.resize_note)
         try:
             return self._run(logger, stop)
         except CheckpointWriteError as exc:
@@ -208,13 +223,15 @@ class Trainer:
         lr = lr_at(state.step, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps,
                    total_steps=self.total_steps, min_lr=self.min_lr)
         set_lr(engine.optimizer, lr)
-        wait, losses = 0.0, []
+        wait, losses, indices = 0.0, [], []
         self.watch.start_step()
         for _ in range(plan.accum_steps):
             t_wait = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_wait
             self.watch.micro_batch(batch)
+            if cfg.log.sample_indices:
+                indices += batch.indices.tolist()
             loss = self.task.loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -242,6 +259,8 @@ class Trainer:
             nonfinite_in_row=state.nonfinite_in_row, losses=losses, loss=loss_sum / world, lr=lr, norm=norm,
             engine=engine, task=self.task)
         state.loss_spikes += int(watched["loss_spike"])
+        # every rank's samples of this step, as a sorted list: the set a step averages over
+        samples = sorted(i for part in all_gather_objects(indices) for i in part) if cfg.log.sample_indices else None
         logger.step({
             "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
             "total_steps": self.total_steps, "loss": loss_sum / world, "lr": lr, "grad_norm": norm,
@@ -252,6 +271,7 @@ class Trainer:
             "loss_spike": watched["loss_spike"], "loss_spikes": state.loss_spikes,
             "time": time.time(),
             **self._record_extra,  # [h10] run_info, in this start's first record only
+            **({"samples": samples} if samples is not None else {}),
         })
         self._name_corrupt_samples()
         self._record_extra = {}

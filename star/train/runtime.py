@@ -16,7 +16,7 @@ import torch
 
 from pipelines import build_loader
 from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
-from star.train.distributed import DistEnv, destroy, init_distributed, resolve_device
+from star.train.distributed import DistEnv, destroy, init_distributed, resolve_device, resolve_dist_env
 from star.train.engine import (BatchPlan, autocast_dtype, build_ds_config, build_engine, plan_batches,
                                resolve_ds_config_path)
 from star.train.loop import Trainer
@@ -190,10 +190,10 @@ def run_training(cfg: Config, run_dir: Path, *,
     device = resolve_device(cfg.device)
     kernel_plan = require_kernels(cfg.model.kernels, device)  # `fused` without usable kernels: exit 2 here
     resolve_ds_config_path(cfg.ds_config, device)  # fail on a bad name before any process group
+    plan_batches(cfg, resolve_dist_env().world_size)  # elastic resume: a world size that cannot keep the batch
     stop = StopFlag().install()  # from the start: a SIGUSR1 during start-up must not kill the job
     try:
         dist_env = init_distributed(device)
-        plan_batches(cfg, dist_env.world_size)  # a batch that does not divide fails before the run dir is written
         rank_dev = f"cuda:{dist_env.local_rank}" if device == "cuda" else device
         run_info = collect_run_info(kernel_plan, dist_env, rank_dev)  # a collective: every rank calls it
         if dist_env.is_main:
