@@ -36,7 +36,7 @@ from star.train.distributed import DistEnv, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
-from star.train.schedule import lr_at, scaled_lr
+from star.train.schedule import lr_at, lr_bounds
 from star.train.stopping import StopFlag
 
 
@@ -83,8 +83,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.end_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
-        self.peak_lr = scaled_lr(cfg.optim.base_lr, plan.global_images)
-        self.min_lr = scaled_lr(cfg.optim.min_lr, plan.global_images)
+        self.peak_lr, self.min_lr = lr_bounds(cfg.optim.base_lr, cfg.optim.min_lr, plan.global_images)
         self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
         self.state = TrainState()
