@@ -125,7 +125,8 @@ class Trainer:
                     f"{self.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {self.total_steps} steps "
                     f"(running to {self.end_step}); global batch {plan.global_images} images = "
                     f"{plan.global_sequences} sequences of {plan.images_per_seq}, {plan.world_size} rank(s) x "
-                    f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
+                    f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}, "
+                    f"floor {self.min_lr:.1e}, gradient clipping {cfg.optim.grad_clip or 'off'}")
         try:
             return self._run(logger, stop)
         except CheckpointWriteError as exc:
