@@ -78,6 +78,7 @@ def test_load_pretrained_zeroes_the_class_token_slot_and_reinitialises_the_head(
     report = model.load_pretrained(pretrained, verbose=False)
     # ARM Finetuning/util/pos_embed.py: torch.zeros inserted at the class token's index
     assert torch.equal(model.pos_embed[0, cls_index], torch.zeros(192))
+    assert report.cls_slot_zeroed == cls_index and f"entry {cls_index} (the class token's) set to 0" in str(report)
     # ARM main_finetune.py: trunc_normal_(model.head.weight, std=2e-5) after loading
     assert model.head.weight.std().item() == pytest.approx(2e-5, rel=0.02)
     assert model.head.weight.mean().abs().item() < 1e-6

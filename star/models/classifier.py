@@ -94,13 +94,16 @@ class LoadReport:
     dropped_keys: list[str] = field(default_factory=list)  # decoder / separator keys, by design
     expanded_keys: list[str] = field(default_factory=list)  # 4-scan params copied from 1-scan ones
     pos_embed_resized: tuple[int, int] | None = None  # (old grid, new grid)
+    cls_slot_zeroed: int | None = None  # index of the class token's pos_embed entry set to 0
     head_reset_std: float | None = None  # the head was re-initialised with this std
 
     def __str__(self) -> str:
         lines = [f"dropped {len(self.dropped_keys)} pretraining-only keys (decoder, separators)"]
         if self.pos_embed_resized:
             old, new = self.pos_embed_resized
-            lines.append(f"pos_embed interpolated {old}x{old} -> {new}x{new} (bicubic), class token slot 0")
+            lines.append(f"pos_embed interpolated {old}x{old} -> {new}x{new} (bicubic)")
+        if self.cls_slot_zeroed is not None:
+            lines.append(f"pos_embed entry {self.cls_slot_zeroed} (the class token's) set to 0")
         if self.head_reset_std is not None:
             lines.append(f"head re-initialised: trunc-normal std {self.head_reset_std:g}, bias 0")
         if self.expanded_keys:
@@ -252,6 +255,7 @@ class StarClassifier(nn.Module):
             return grid
         # ARM inserts torch.zeros at the class token's index: its slot starts at 0
         cls_slot = grid.new_zeros(grid.shape[0], 1, grid.shape[2])
+        report.cls_slot_zeroed = index
         return torch.cat([grid[:, :index], cls_slot, grid[:, index:]], dim=1)
 
 
