@@ -117,11 +117,14 @@ class OptimConfig:
     """AdamW with per-group weight decay; lr = base_lr * global_images / 256."""
 
     base_lr: float = 1.5e-4
+    # the cosine's floor, an absolute lr (not scaled by the batch), times each group's layer-decay
+    # scale: ARM's `--min_lr` (Finetuning/main_finetune.py 1e-6, main_pretrain.py 0)
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    grad_clip: float = 3.0
+    # max global gradient norm; null or 0 = no clipping (ARM's fine-tuning `--clip_grad None`)
+    grad_clip: float | None = 3.0
     layer_decay: float | None = None  # fine-tuning: layer-wise lr decay (0.65 for B)
 
 

@@ -9,6 +9,13 @@ Class token (``cls_position``): ``middle`` inserts it at index g*g // 2 (ARM / V
 mean-pools all tokens. ``pos_embed`` is indexed by sequence position (ARM's convention): its
 entry at the class token's index is the class token's own slot, the others follow the patch
 grid row-major.
+
+Readout (``readout``): ``token`` classifies from the class token's output (STAR Tables 1-5),
+``mean_patches`` from the mean of the patch tokens' outputs with the class token still in
+the sequence: ARM's ``--global_pool`` (``Finetuning/models_mamba.py`` ``forward_features``,
+used by ARM README's fine-tuning commands). The recipe choices around loading pretrained
+weights (drop-path schedule, head init, the class token's position slot) follow
+``Finetuning/`` of ARM's code; docs/fidelity.md, section 3, cites each.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from star.models.settings import check_choices, choice_field
 from star.models.weight_decay import no_weight_decay_names
 
 CLS_POSITIONS = ("middle", "tail", "none")
+READOUTS = ("token", "mean_patches")
+DROP_PATH_SCHEDULES = ("arm", "linspace")
 # keys of a pretraining checkpoint that the classifier has no use for (decoder, separators),
 # under our names (decoder.*) and under ARM's top-level ones
 _PRETRAIN_ONLY = re.compile(
@@ -45,12 +54,35 @@ class StarClassifierConfig:
     depth: int = 12
     num_classes: int = 1000
     cls_position: str = choice_field("tail", CLS_POSITIONS)
+    # token: the class token's output; mean_patches: ARM's --global_pool (class token kept in
+    # the sequence, excluded from the mean). With cls_position none both are the patch mean.
+    readout: str = choice_field("token", READOUTS)
     drop_path: float = 0.1
+    # arm: block i gets ([0] + linspace(0, drop_path, depth))[i] (ARM Finetuning/models_mamba.py
+    # `inter_dpr`): the first two blocks 0, the last (depth-2)/(depth-1) x drop_path.
+    # linspace: block i gets linspace(0, drop_path, depth)[i] (timm's rule; reaches drop_path).
+    drop_path_schedule: str = choice_field("arm", DROP_PATH_SCHEDULES)
+    # std of the head's trunc-normal weights (bias 0) when load_pretrained fills an encoder
+    # from a checkpoint without a head: ARM main_finetune.py's `trunc_normal_(model.head.weight,
+    # std=2e-5)` after loading. A model built without loading keeps the 0.02 of ARM's
+    # segm_init_weights; 0.02 here gives our first recipe (the construction init kept).
+    head_init_std: float = 2e-5
     d_state: int = 16
     d_conv: int = 4
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not self.head_init_std >= 0:
+            raise ValueError(f"head_init_std={self.head_init_std!r} must be >= 0")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path={self.drop_path!r} must lie in [0, 1)")
+
+    def drop_path_rates(self) -> list[float]:
+        """The drop-path probability of each block, under ``drop_path_schedule``."""
+        rates = torch.linspace(0, self.drop_path, self.depth).tolist()
+        if self.drop_path_schedule == "arm":
+            rates = ([0.0] + rates)[: self.depth]
+        return rates
 
 
 @dataclass
@@ -62,12 +94,18 @@ class LoadReport:
     dropped_keys: list[str] = field(default_factory=list)  # decoder / separator keys, by design
     expanded_keys: list[str] = field(default_factory=list)  # 4-scan params copied from 1-scan ones
     pos_embed_resized: tuple[int, int] | None = None  # (old grid, new grid)
+    cls_slot_zeroed: int | None = None  # index of the class token's pos_embed entry set to 0
+    head_reset_std: float | None = None  # the head was re-initialised with this std
 
     def __str__(self) -> str:
         lines = [f"dropped {len(self.dropped_keys)} pretraining-only keys (decoder, separators)"]
         if self.pos_embed_resized:
             old, new = self.pos_embed_resized
             lines.append(f"pos_embed interpolated {old}x{old} -> {new}x{new} (bicubic)")
+        if self.cls_slot_zeroed is not None:
+            lines.append(f"pos_embed entry {self.cls_slot_zeroed} (the class token's) set to 0")
+        if self.head_reset_std is not None:
+            lines.append(f"head re-initialised: trunc-normal std {self.head_reset_std:g}, bias 0")
         if self.expanded_keys:
             lines.append(f"initialised {len(self.expanded_keys)} backward/column scan parameters "
                          "from the causal scan's")
@@ -82,7 +120,7 @@ class StarClassifier(nn.Module):
     def __init__(self, config: StarClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        embed_dim, depth, num_classes = config.embed_dim, config.depth, config.num_classes
+        embed_dim, num_classes = config.embed_dim, config.num_classes
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, embed_dim)
         num_patches = self.patch_embed.num_patches
         cls_index = {"middle": num_patches // 2, "tail": num_patches, "none": None}[config.cls_position]
@@ -93,7 +131,7 @@ class StarClassifier(nn.Module):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid.seq_len, embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, config.drop_path, depth).tolist()
+        rates = config.drop_path_rates()
         self.layers = nn.ModuleList(
             MambaMLPBlock(embed_dim, num_scans=4, drop_path=r, d_state=config.d_state, d_conv=config.d_conv)
             for r in rates)
@@ -137,7 +175,13 @@ class StarClassifier(nn.Module):
         for layer in self.layers:
             x = layer(x, self.grid)
         x = self.norm_f(x)
-        return x.mean(dim=1) if index is None else x[:, index]
+        if index is None:
+            return x.mean(dim=1)
+        if self.config.readout == "mean_patches":
+            # mean over the patch tokens. ARM averages the means of the two halves around its
+            # middle token, the same number for the even patch counts of its grids (14 x 14)
+            return torch.cat([x[:, :index], x[:, index + 1:]], dim=1).mean(dim=1)
+        return x[:, index]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
@@ -148,10 +192,13 @@ class StarClassifier(nn.Module):
 
         * decoder and separator keys are dropped;
         * a square (no class token) ``pos_embed`` table is resized bicubically to this grid
-          (e.g. 12x12 at 192 px -> 14x14 at 224 px); the class token's slot keeps its init;
+          (e.g. 12x12 at 192 px -> 14x14 at 224 px) and a zero vector is inserted at the class
+          token's index (ARM ``Finetuning/util/pos_embed.py`` ``interpolate_pos_embed``);
         * 1-scan mixer weights (conv1d, x_proj, dt_proj, A_log, D) are copied into each of the
           four scan directions: every direction starts from the dynamics the causal scan
-          learned, only its reading order differs (in_proj/out_proj are shared anyway).
+          learned, only its reading order differs (in_proj/out_proj are shared anyway);
+        * a checkpoint without a head (a pretraining one) leaves the head re-initialised:
+          trunc-normal weights of std ``config.head_init_std``, bias 0 (ARM ``main_finetune.py``).
         Shape mismatches raise; missing and unexpected keys are reported (and printed).
         """
         report = LoadReport()
@@ -178,9 +225,19 @@ class StarClassifier(nn.Module):
                              "embed_dim/depth/num_classes):\n  " + "\n  ".join(wrong))
         result = self.load_state_dict(state, strict=False)
         report.missing_keys, report.unexpected_keys = list(result.missing_keys), list(result.unexpected_keys)
+        if isinstance(self.head, nn.Linear) and "head.weight" not in state:
+            self.reset_head(self.config.head_init_std)
+            report.head_reset_std = self.config.head_init_std
         if verbose:
             print(report)
         return report
+
+    @torch.no_grad()
+    def reset_head(self, std: float) -> None:
+        """Trunc-normal head weights of standard deviation ``std``, zero bias. The cut stays at
+        +-2 absolute, as timm's ``trunc_normal_`` that ARM calls: for 2e-5 a plain normal."""
+        nn.init.trunc_normal_(self.head.weight, std=std)
+        nn.init.zeros_(self.head.bias)
 
     def _adapt_pos_embed(self, table: torch.Tensor, report: LoadReport) -> torch.Tensor:
         if table.shape == self.pos_embed.shape:
@@ -196,7 +253,9 @@ class StarClassifier(nn.Module):
         index = self.grid.cls_index
         if index is None:
             return grid
-        cls_slot = self.pos_embed.detach()[:, index : index + 1].to(grid.device)
+        # ARM inserts torch.zeros at the class token's index: its slot starts at 0
+        cls_slot = grid.new_zeros(grid.shape[0], 1, grid.shape[2])
+        report.cls_slot_zeroed = index
         return torch.cat([grid[:, :index], cls_slot, grid[:, index:]], dim=1)
 
 

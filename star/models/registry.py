@@ -18,7 +18,8 @@ base 768 x 12, large 1024 x 24, huge 1536 x 24.
 Overrides are the configuration's settings, flat (:mod:`star.models.settings`): for
 pretraining e.g. ``images_per_seq``, ``sep_type``, ``sep_value``, ``sep_position``,
 ``img_size``, ``cluster_size``, ``drop_path``; for fine-tuning ``num_classes``,
-``cls_position``, ``drop_path``, ``img_size``; both accept ``embed_dim`` and ``depth``.
+``cls_position``, ``readout``, ``drop_path``, ``drop_path_schedule``, ``head_init_std``,
+``img_size``; both accept ``embed_dim`` and ``depth``.
 """
 
 from __future__ import annotations

@@ -77,14 +77,17 @@ def resolve_ds_config_path(name: str, device: str) -> Path:
     raise ConfigError(f"ds_config={name!r}: no such file and no {candidate}; available: {', '.join(available)}")
 
 
-def build_ds_config(path: Path, plan: BatchPlan, grad_clip: float) -> dict:
-    """Load the JSON and fill (or check) the values the typed config owns."""
+def build_ds_config(path: Path, plan: BatchPlan, grad_clip: float | None) -> dict:
+    """Load the JSON and fill (or check) the values the typed config owns.
+
+    ``grad_clip`` None (``optim.grad_clip: null``) or 0 is written as ``gradient_clipping: 0.0``,
+    which DeepSpeed reads as no clipping; left out, DeepSpeed would clip at its default 1.0."""
     ds = json.loads(Path(path).read_text())
     owned = {
         "train_micro_batch_size_per_gpu": plan.micro_sequences,
         "gradient_accumulation_steps": plan.accum_steps,
         "train_batch_size": plan.global_sequences,
-        "gradient_clipping": float(grad_clip),
+        "gradient_clipping": float(grad_clip or 0.0),
     }
     for key, value in owned.items():
         if key in ds and ds[key] != "auto" and ds[key] != value:

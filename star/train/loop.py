@@ -46,7 +46,7 @@ from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
 from star.train.nonfinite import StepWatch
 from star.train.run_info import run_info_log_lines
-from star.train.schedule import lr_at, scaled_lr
+from star.train.schedule import lr_at, lr_bounds
 from star.train.stopping import StopFlag
 
 
@@ -94,8 +94,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.end_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
-        self.peak_lr = scaled_lr(cfg.optim.base_lr, plan.global_images)
-        self.min_lr = scaled_lr(cfg.optim.min_lr, plan.global_images)
+        self.peak_lr, self.min_lr = lr_bounds(cfg.optim.base_lr, cfg.optim.min_lr, plan.global_images)
         self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
         self.state = TrainState()
@@ -152,7 +151,8 @@ class Trainer:
                     f"{self.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {self.total_steps} steps "
                     f"(running to {self.end_step}); global batch {plan.global_images} images = "
                     f"{plan.global_sequences} sequences of {plan.images_per_seq}, {plan.world_size} rank(s) x "
-                    f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}")
+                    f"{plan.micro_images} images x {plan.accum_steps} accumulation; peak lr {self.peak_lr:.3e}, "
+                    f"floor {self.min_lr:.1e}, gradient clipping {cfg.optim.grad_clip or 'off'}")
         for line in run_info_log_lines(self.run_info) if self.run_info else []:  # [h10]
             logger.info(escape(line))  # reasons may hold brackets ('.[cuda]')
         if self.resize_note:
