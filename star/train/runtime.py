@@ -13,10 +13,12 @@ import numpy as np
 import torch
 
 from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
+from star.train.monitor import check_monitor_data
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs")
+                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
+                     "monitor.")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
@@ -136,6 +138,7 @@ def run_training(cfg: Config, run_dir: Path, make_task: Callable, *,
     from star.train.stopping import StopFlag
 
     check_data(cfg, [cfg.data.train_split] + ([cfg.data.val_split] if cfg.kind == "finetune" else []))
+    check_monitor_data(cfg)  # the k-NN monitor also reads the val split
     from star.train.checkpoint import Checkpointer
 
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
