@@ -146,6 +146,25 @@ def test_a_probe_leaves_the_rng_streams_as_they_were_and_matches_star_probe():
     assert off.end_of_epoch(0, 3, _Engine(model), logger) is None and off.loaders is None
 
 
+def test_a_corrupt_image_skipped_in_a_subset_skips_the_figure_not_the_run(tmp_path):
+    # data.on_corrupt=skip: the probe loader leaves the image out, the exactly-once check of the
+    # gathered features would fail on rank 0 alone; every rank agrees to skip the figure instead
+    from tests.test_train_corrupt import corrupt_copy
+
+    corrupt_copy(tmp_path / "shards", "val", 3)
+    cfg = load_config("smoke", [*TINY_PRETRAIN, f"data.dir={tmp_path / 'shards'}", "data.on_corrupt=skip"])
+    torch.manual_seed(0)
+    model, logger = build_model(cfg), _Logger()
+    monitor = KnnMonitor(cfg, rank=0, world_size=1, device="cpu")
+    assert monitor.end_of_epoch(0, 6, _Engine(model), logger) is None
+    assert logger.records == [] and len(logger.lines) == 1
+    assert "k-NN monitor, epoch 0: skipped, 1 image(s) of its subsets were corrupt" in logger.lines[0]
+    # with every image readable the same monitor reports (all 96 / 20 images: the smoke subsets are larger)
+    cfg = load_config("smoke", [*TINY_PRETRAIN, f"data.dir={shard_dir()}", "data.on_corrupt=skip"])
+    record = KnnMonitor(cfg, rank=0, world_size=1, device="cpu").end_of_epoch(0, 6, _Engine(model), logger)
+    assert (record["images"], record["train_images"]) == (CLASSES * VAL_PER_CLASS, CLASSES * TRAIN_PER_CLASS)
+
+
 # ----- end to end: `star pretrain` with the monitor on and off -----
 
 def _args(run_dir, monitor: bool):
