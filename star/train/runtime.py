@@ -17,8 +17,8 @@ from star.train.monitor import check_monitor_data
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
-                     "monitor.")
+                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config",
+                     "eval_every_epochs", "monitor.")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
