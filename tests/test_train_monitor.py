@@ -85,6 +85,29 @@ def test_a_missing_val_split_is_named_before_start_up(tmp_path):
     check_monitor_data(load_config("smoke", [f"data.dir={tmp_path}", "monitor.knn_every_epochs=0"]))  # off: no check
 
 
+def test_the_record_goes_to_eval_jsonl_tensorboard_and_the_console(tmp_path):
+    from star.train.metrics import RunLogger
+
+    class Writer:  # stands in for TensorBoard's SummaryWriter (an optional package)
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    logger = RunLogger(tmp_path, enabled=True, every_steps=1, tensorboard=False)
+    logger._tb = writer = Writer()
+    with logger.console.capture() as out:
+        logger.evaluation({"epoch": 49, "step": 31250, "knn_top1": 41.5, "knn_top5": 70.25, "images": 5000,
+                           "train_images": 10000, "knn_seconds": 12.5})
+    assert "eval epoch 49 knn_top1 41.50 knn_top5 70.25 (5000 images against 10000 train images, 12.5 s)" \
+        in out.get()
+    assert ("eval/knn_top1", 41.5, 31250) in writer.scalars and ("eval/knn_seconds", 12.5, 31250) in writer.scalars
+    assert json.loads((tmp_path / "eval.jsonl").read_text())["knn_top5"] == 70.25
+    logger._tb = None
+    logger.close()
+
+
 # ----- in process: the RNG streams of training -----
 
 class _Engine:
