@@ -176,6 +176,18 @@ class LogConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Feature quality during pretraining (star/train/monitor.py): DINO's weighted k-NN (k = 20,
+    T = 0.07, star/probe/knn.py) of a fixed val subset against a fixed train subset, on the
+    frozen encoder, every ``knn_every_epochs`` epochs and at the last one. Pretraining only."""
+
+    knn_every_epochs: int = 0      # 0 = off
+    knn_train_images: int | None = 10000  # subset of data.train_split fixed by `seed`; null = all
+    knn_val_images: int | None = 5000     # subset of data.val_split fixed by `seed`; null = all
+    knn_pool: str = "mean"         # mean of the image's output tokens | last (its last token)
+
+
+@dataclass
 class Config:
     """One experiment: everything `star pretrain` / `star finetune` needs besides the run dir."""
 
@@ -197,6 +209,7 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -218,6 +231,7 @@ CHOICES: dict[str, tuple] = {
     "model.kernels": ("auto", "fused", "torch"),
     "data.backend": ("dali", "baseline"),
     "data.on_corrupt": ("error", "skip"),
+    "monitor.knn_pool": ("mean", "last"),
 }
 
 
@@ -252,6 +266,9 @@ RANGES: dict[str, str] = {
     "log.spike_k": "(0, inf)",
     "log.spike_window": "[2, inf)",
     "log.spike_min_samples": "[2, inf)",
+    "monitor.knn_every_epochs": "[0, inf)",
+    "monitor.knn_train_images": "[1, inf)",
+    "monitor.knn_val_images": "[1, inf)",
 }
 
 
@@ -530,6 +547,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.layer_decay must lie in (0, 1], got {cfg.optim.layer_decay}")
     if not 0 <= cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must lie in [0, 1), got {cfg.ema.decay}")
+    if cfg.kind == "finetune" and cfg.monitor.knn_every_epochs:
+        raise ConfigError(f"monitor.knn_every_epochs={cfg.monitor.knn_every_epochs}: the k-NN monitor probes a "
+                          f"pretraining encoder; fine-tuning evaluates every eval_every_epochs instead (set "
+                          f"monitor.knn_every_epochs=0)")
     return cfg
 
 

@@ -99,7 +99,8 @@ def test_real_run_on_a_small_tmpfs_stops_with_74_and_resumes(tmp_path):
     try:
         run = small / "run"
         common = ["pretrain", "--config", "smoke", "--run-dir", str(run), f"data.dir={data / 'shards'}",
-                  "checkpoint.every_steps=1", "checkpoint.keep_last=1", "schedule.max_steps=3", "log.tensorboard=false"]
+                  "checkpoint.every_steps=1", "checkpoint.keep_last=1", "schedule.max_steps=3", "log.tensorboard=false",
+                  "monitor.knn_every_epochs=0"]  # no val split here: monitor off
         first = _star(*common, cwd=tmp_path)
         assert first.returncode == 74, first.stdout + first.stderr
         out = first.stdout + first.stderr

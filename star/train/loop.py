@@ -15,7 +15,8 @@ boundary). Per step, and in this order:
    star/train/nonfinite.py), a finite one checked for a loss spike; EMA update (taken steps
    only), a metrics.jsonl record;
 5. stop (save, exit 75) / too many non-finite steps in a row (save, exit 76) / periodic
-   checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates) then a checkpoint.
+   checkpoint; at the end of an epoch the task's hook (fine-tuning evaluates), the k-NN monitor
+   when due (pretraining, star/train/monitor.py), then a checkpoint.
 
 The data position is (epoch, step within epoch): a resumed run asks the loader for
 ``epoch(e, start_step=k * accum_steps)`` and sees the batches an uninterrupted run would. An
@@ -44,6 +45,7 @@ from star.train.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from star.train.ema import ModelEma
 from star.train.engine import BatchPlan, grad_norm, set_lr
 from star.train.metrics import RunLogger
+from star.train.monitor import KnnMonitor
 from star.train.nonfinite import StepWatch
 from star.train.run_info import run_info_log_lines
 from star.train.schedule import lr_at, lr_bounds
@@ -97,6 +99,7 @@ class Trainer:
         self.peak_lr, self.min_lr = lr_bounds(cfg.optim.base_lr, cfg.optim.min_lr, plan.global_images)
         self.ema = ModelEma(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.ckpt = Checkpointer(self.run_dir, rank=dist_env.rank, keep_last=cfg.checkpoint.keep_last)
+        self.monitor = KnnMonitor(cfg, rank=dist_env.rank, world_size=dist_env.world_size, device=device)
         self.state = TrainState()
         self._corrupt_named: set[str] = set()  # corrupt samples already reported by this rank
         self._corrupt_at_epoch_start = 0
@@ -192,6 +195,7 @@ class Trainer:
                 record = self.task.end_of_epoch(epoch_done, state.step, engine, self.ema)
                 if record is not None:
                     logger.evaluation({"epoch": epoch_done, "step": state.step, **record})
+                self.monitor.end_of_epoch(epoch_done, state.step, engine, logger)  # k-NN figure when due
                 self.save()
                 saved_at = state.step
         if saved_at != state.step:

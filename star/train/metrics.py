@@ -95,8 +95,10 @@ class RunLogger:
             for key, value in record.items():
                 if key not in ("epoch", "step") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"eval/{key}", value, record["step"])
-        parts = " ".join(f"{k} {v:.2f}" for k, v in record.items() if k.startswith(("top", "ema_top")))
-        self.console.print(f"[bold]eval epoch {record['epoch']}[/bold] {parts} ({record['images']} images)")
+        parts = " ".join(f"{k} {v:.2f}" for k, v in record.items() if k.startswith(("top", "ema_top", "knn_top")))
+        knn = (f" against {record['train_images']} train images, {record['knn_seconds']:.1f} s"
+               if "knn_seconds" in record else "")  # the k-NN monitor's record (star/train/monitor.py)
+        self.console.print(f"[bold]eval epoch {record['epoch']}[/bold] {parts} ({record['images']} images{knn})")
 
     def close(self) -> None:
         if self.enabled:

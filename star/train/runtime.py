@@ -24,6 +24,7 @@ from star.train.param_groups import layer_decay_groups, strip_names, weight_deca
 from star.train.seeds import mixup_seed, rank_stream_seed, weights_seed
 from star.train.stopping import StopFlag
 from star.train.checkpoint import Checkpointer
+from star.train.monitor import check_monitor_data
 from star.train.init_weights import check_init_covers_encoder, read_init_state
 from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
 from star.models import create_model
@@ -33,7 +34,7 @@ from star.train.run_info import collect_run_info, write_run_info
 # Keys that may change when a run is resumed: they do not change the trajectory.
 RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
                      "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
-                     "model.kernels")
+                     "model.kernels", "monitor.")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")
@@ -181,6 +182,7 @@ def run_training(cfg: Config, run_dir: Path, *,
     """Bring up distributed + DeepSpeed, build the run (:func:`build_training`), train; return the
     exit code. ``model_factory(cfg)`` builds the network (tests wrap it)."""
     check_data(cfg, [cfg.data.train_split] + ([cfg.data.val_split] if cfg.kind == "finetune" else []))
+    check_monitor_data(cfg)  # the k-NN monitor also reads the val split
     Checkpointer(run_dir, rank=0, keep_last=1).check_latest()  # a planted pickle stops us here
     init_state = None
     if needs_init(cfg, run_dir):  # read and check --init before DeepSpeed starts
