@@ -124,6 +124,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 3.0
     layer_decay: float | None = None  # fine-tuning: layer-wise lr decay (0.65 for B)
+    # true: ARM's rule (A_log and ar_token decay; only 1-D params, position tables and class
+    # tokens are exempt); false: A_log, D and the learned tokens are exempt too (our first
+    # recipe). docs/fidelity.md, "weight-decay rule".
+    ssm_weight_decay: bool = True
 
 
 @dataclass

@@ -49,6 +49,9 @@ class Task(Protocol):
 
     def end_of_epoch(self, epoch: int, step: int, engine, ema: ModelEma | None) -> dict | None: ...
 
+    # optional: ``last_metrics() -> dict[str, float]``, extra scalars of the step just taken
+    # (pretraining's loss_image / loss_sep), added to its metrics record
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -227,7 +230,7 @@ class Trainer:
             "images_per_s": plan.global_images / max(step_time, 1e-9),
             "data_wait": wait_sum / world / max(step_time, 1e-9), "step_time": step_time,
             "corrupt_skipped": int(corrupt_sum),
-            "time": time.time(),
+            "time": time.time(), **getattr(self.task, "last_metrics", dict)(),
         })
         self._name_corrupt_samples()
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
