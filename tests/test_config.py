@@ -387,3 +387,29 @@ def test_separator_position_and_weight_decay_keys():
         load_config("abl_value_zeros", ["model.sep_pos_embed=trained"])
     with pytest.raises(ConfigError, match="optim.ssm_weight_decay.*expected bool"):
         load_config("abl_value_zeros", ["optim.ssm_weight_decay=maybe"])
+
+
+def test_a_run_saved_before_the_fidelity_options_resumes_with_its_own_recipe(tmp_path):
+    """A config.yaml without optim.ssm_weight_decay predates the separator-position and
+    weight-decay options: that run used learned separator positions and exempted A_log."""
+    from star.train.runtime import resolve_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000000010\n")  # a committed checkpoint
+    old = load_config("abl_value_zeros").to_dict()
+    del old["optim"]["ssm_weight_decay"]
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    cfg, _ = resolve_run_config(None, [], str(run), "pretrain")
+    assert (cfg.model.sep_pos_embed, cfg.model.dec_sep_pos_embed, cfg.optim.ssm_weight_decay) == (
+        "learned", "learned", False)
+    with pytest.raises(ConfigError, match=r"optim\.ssm_weight_decay: run has False, now True"):
+        resolve_run_config("abl_value_zeros", [], str(run), "pretrain")
+    same, _ = resolve_run_config("abl_value_zeros", ["optim.ssm_weight_decay=false", "model.sep_pos_embed=learned",
+                                                     "model.dec_sep_pos_embed=learned"], str(run), "pretrain")
+    assert same.model.sep_pos_embed == "learned"
+    # a config written today carries the key and is read as written
+    new = load_config("abl_value_zeros")
+    (run / "config.yaml").write_text(new.to_yaml())
+    cfg, _ = resolve_run_config(None, [], str(run), "pretrain")
+    assert (cfg.model.sep_pos_embed, cfg.optim.ssm_weight_decay) == ("fixed", True)
