@@ -126,6 +126,10 @@ class OptimConfig:
     # max global gradient norm; null or 0 = no clipping (ARM's fine-tuning `--clip_grad None`)
     grad_clip: float | None = 3.0
     layer_decay: float | None = None  # fine-tuning: layer-wise lr decay (0.65 for B)
+    # true: ARM's rule (A_log and ar_token decay; only 1-D params, position tables and class
+    # tokens are exempt); false: A_log, D and the learned tokens are exempt too (our first
+    # recipe). docs/fidelity.md, "weight-decay rule".
+    ssm_weight_decay: bool = True
 
 
 @dataclass
@@ -577,10 +581,11 @@ def _validate_model(model: ModelConfig) -> None:
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
-    """Resolve defaults <- preset chain (or ``base``, an already resolved dict) <- overrides."""
+    """Resolve defaults <- preset chain (or ``base``, a run's saved config dict, read through
+    :func:`upgrade_saved_config`) <- overrides."""
     data = Config().to_dict()
     if base is not None:
-        _merge(data, base, Config, "the saved run config")
+        _merge(data, upgrade_saved_config(base), Config, "the saved run config")
     if name_or_path is not None:
         for path, layer in _load_preset_chain(name_or_path):
             _merge(data, layer, Config, str(path))
@@ -588,6 +593,20 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     for key, raw in parse_overrides(overrides or []):
         _merge(data, _nest(key, _override_value(key, raw)), Config, "the command line")
     return validate(_from_dict(Config, data))
+
+
+def upgrade_saved_config(data: Any) -> Any:
+    """A run's saved ``config.yaml`` as today's keys read it. A file without
+    ``optim.ssm_weight_decay`` was written before the separator-position and weight-decay options
+    (docs/fidelity.md): its run used learned separator positions and exempted A_log, D and the
+    tokens from weight decay, so those values are filled in and a resumed run keeps its recipe
+    (a resume with today's defaults is then refused, naming the keys)."""
+    if not isinstance(data, dict) or "ssm_weight_decay" in (data.get("optim") or {}):
+        return data
+    data = {**data, "optim": {**(data.get("optim") or {}), "ssm_weight_decay": False}}
+    if data.get("kind", "pretrain") == "pretrain":
+        data["model"] = {"sep_pos_embed": "learned", "dec_sep_pos_embed": "learned", **(data.get("model") or {})}
+    return data
 
 
 def diff_configs(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:

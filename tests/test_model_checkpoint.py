@@ -149,7 +149,9 @@ def test_weights_leaving_a_run_carry_arm_names_and_load_back(tmp_path):
     from star.train.weights import consolidate_run, read_weights
 
     torch.manual_seed(0)
-    model = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    # the learned separator positions: the form whose state dict carries dec_sep_pos_embed
+    learned = dict(sep_pos_embed="learned", dec_sep_pos_embed="learned")
+    model = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2, **learned)
     tag = tmp_path / "checkpoints" / "step_000000003"
     tag.mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text("step_000000003\n")
@@ -160,7 +162,7 @@ def test_weights_leaving_a_run_carry_arm_names_and_load_back(tmp_path):
             "ar_pred.weight"} <= set(state)
     torch.save(state, tmp_path / "model.pth")
     torch.manual_seed(1)
-    other = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2)
+    other = create_model("star_tiny_pz8", embed_dim=32, depth=4, decoder_dim=32, images_per_seq=2, **learned)
     other.load_state_dict(read_weights(tmp_path / "model.pth"), strict=True)
     for name, value in model.state_dict().items():
         assert torch.equal(other.state_dict()[name], value), name

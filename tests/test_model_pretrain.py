@@ -14,7 +14,8 @@ SMALL = dict(img_size=24, patch_size=4, cluster_size=2, embed_dim=32, depth=2,
 
 def test_loss_is_mse_over_predicted_tokens_and_shapes_follow_the_layout():
     torch.manual_seed(0)
-    model = create_model("star_base_pz16", **SMALL, images_per_seq=3, sep_position="SCS")
+    model = create_model("star_base_pz16", **SMALL, images_per_seq=3, sep_position="SCS",
+                         sep_pos_embed="learned")
     assert isinstance(model, StarPretrainModel)
     out = model(torch.randn(6, 3, 24, 24))
     layout = model.layout

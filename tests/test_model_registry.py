@@ -54,23 +54,25 @@ def test_overrides_reach_the_model():
 def test_no_weight_decay_and_layer_ids():
     ft = create_model("star_tiny_pz8_ft")
     nwd = ft.no_weight_decay()
-    for name in ("pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.A_c_b_log",
-                 "layers.2.mixer.D_b", "layers.1.norm1.weight", "layers.1.mlp.w1.bias", "head.bias",
-                 "layers.0.mixer.dt_proj_c.bias"):
+    for name in ("pos_embed", "cls_token", "layers.2.mixer.D_b", "layers.1.norm1.weight",
+                 "layers.1.mlp.w1.bias", "head.bias", "layers.0.mixer.dt_proj_c.bias"):
         assert name in nwd, name
+    # ARM's rule (Finetuning/util/lr_decay.py: p.ndim == 1 or the no_weight_decay() names):
+    # every direction's 2-D A_log decays
     for name in ("layers.0.mixer.in_proj.weight", "layers.0.mlp.w3.weight", "head.weight",
-                 "patch_embed.proj.weight", "layers.0.mixer.x_proj_c.weight"):
+                 "patch_embed.proj.weight", "layers.0.mixer.x_proj_c.weight", "layers.0.mixer.A_log",
+                 "layers.0.mixer.A_c_b_log"):
         assert name not in nwd, name
     assert ft.layer_id("patch_embed.proj.weight") == 0 and ft.layer_id("pos_embed") == 0
     assert ft.layer_id("cls_token") == 0
     assert ft.layer_id("layers.0.mixer.A_log") == 1 and ft.layer_id("layers.5.mlp.w1.weight") == 6
     assert ft.layer_id("norm_f.weight") == 7 == ft.layer_id("head.weight") == ft.num_layers_for_lr_decay
-    pre = create_model("star_tiny_pz8")
+    pre = create_model("star_tiny_pz8", sep_pos_embed="learned", dec_sep_pos_embed="learned")
     nwd = pre.no_weight_decay()
-    assert {"decoder.ar_token", "packer.sep_pos_embed", "decoder.sep_pos_embed", "layers.0.mixer.A_log"} <= nwd
-    assert "decoder.enc2dec.weight" not in nwd
+    assert {"packer.sep_pos_embed", "decoder.sep_pos_embed"} <= nwd  # learned position slots
+    assert not {"decoder.ar_token", "layers.0.mixer.A_log", "decoder.enc2dec.weight"} & nwd
     emb = create_model("star_tiny_pz8", sep_value="embedding")
-    assert "packer.sep_embed.weight" in emb.no_weight_decay()
+    assert "packer.sep_embed.weight" not in emb.no_weight_decay()  # a learned input vector: decays
 
 
 def test_feature_levels_and_interleaved_split():

@@ -97,14 +97,30 @@ def test_layer_decay_groups_scales():
 
 
 def test_real_model_no_decay_names():
+    """ARM's rule by default (docs/fidelity.md, "weight-decay rule"): everything with 2 or more
+    dimensions decays except position tables and class tokens; optim.ssm_weight_decay=false
+    also exempts A_log, D and the learned tokens (our first recipe)."""
     from star.models import create_model
 
-    model = create_model("star_tiny_pz8", depth=1)
+    model = create_model("star_tiny_pz8", depth=1, sep_value="embedding")
     decay, no_decay = weight_decay_groups(model, 0.05)
-    names = set(_names(model, no_decay))
-    assert any(n.endswith("A_log") for n in names) and any(n.endswith(".D") for n in names)
-    assert all(p.ndim > 1 for p in decay["params"])
-    assert not any(n.endswith(("A_log", ".D")) for n in _names(model, decay))
+    decayed, exempt = set(_names(model, decay)), set(_names(model, no_decay))
+    assert {"layers.0.mixer.A_log", "decoder.ar_token", "packer.sep_embed.weight"} <= decayed
+    assert {"layers.0.mixer.D", "layers.0.mixer.dt_proj.bias", "layers.0.norm1.weight"} <= exempt
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim <= 1}
+    decay, no_decay = weight_decay_groups(model, 0.05, ssm_weight_decay=False)
+    decayed, exempt = set(_names(model, decay)), set(_names(model, no_decay))
+    assert {"layers.0.mixer.A_log", "layers.0.mixer.D", "decoder.ar_token", "packer.sep_embed.weight"} <= exempt
+    assert all(p.ndim > 1 for p in decay["params"]) and "layers.0.mixer.in_proj.weight" in decayed
+    assert not any(n.endswith(("A_log", ".D", "_token")) for n in decayed)
+    # the fine-tuning model: every scan direction's A_log decays under ARM's rule, not under ours
+    ft = create_model("star_tiny_pz8_ft", depth=1)
+    wd = {n: g["weight_decay"] for g in layer_decay_groups(ft, 0.05, 0.65) for n in _names(ft, g)}
+    assert all(wd[f"layers.0.mixer.A{s}_log"] == 0.05 for s in ("", "_b", "_c", "_c_b"))
+    assert wd["pos_embed"] == wd["cls_token"] == wd["layers.0.mixer.D_b"] == 0.0
+    wd = {n: g["weight_decay"] for g in layer_decay_groups(ft, 0.05, 0.65, ssm_weight_decay=False)
+          for n in _names(ft, g)}
+    assert all(wd[f"layers.0.mixer.A{s}_log"] == 0.0 for s in ("", "_b", "_c", "_c_b"))
 
 
 # ------------------------------------------------------------------ batch plan and DeepSpeed JSON

@@ -41,6 +41,9 @@ def test_two_rank_zero2_pretraining_loss_goes_down(tmp_path):
     first = sum(r["loss"] for r in records[:4]) / 4
     last = sum(r["loss"] for r in records[-4:]) / 4
     assert last < 0.85 * first, (first, last)
+    # the loss split (image clusters / separators) is logged next to the total (docs/fidelity.md)
+    assert all(r["loss_image"] > 0 and r["loss_sep"] >= 0 for r in records)
+    assert "loss-image" in log and "loss-sep" in log
     # ZeRO-2 wrote one optimizer shard per rank; `latest` names the final step.
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_000000024"

@@ -4,7 +4,8 @@ Parameter names and initialisation follow mamba-ssm so official kernels and chec
 ``in_proj`` (no bias), per-direction ``conv1d`` (depthwise, bias), ``x_proj`` (no bias),
 ``dt_proj`` (bias = inverse softplus of dt ~ log-uniform[1e-3, 1e-1], floored at 1e-4;
 weight uniform +-dt_rank**-0.5), ``A_log`` (S4D-real: log(1..d_state) per channel), ``D``
-(ones), and ``out_proj`` (no bias). ``A_log`` and ``D`` carry ``_no_weight_decay = True``;
+(ones), and ``out_proj`` (no bias). ``A_log`` and ``D`` carry ``_no_weight_decay = True``
+(honoured only under ``optim.ssm_weight_decay: false``; ARM's default rule decays ``A_log``);
 ``A_log``, ``D`` and ``dt_proj.bias`` of every direction carry ``_keep_fp32 = True``
 (see :func:`fp32_parameter_names`).
 

@@ -23,16 +23,22 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed (grid_size**2, dim) position table in row-major patch order, float32."""
+def sincos_2d(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(len(rows), dim) sin-cos encodings of the cells (rows[i], cols[i]), float32; any
+    coordinates, e.g. the virtual cell (-1, -1) of the separators (docs/fidelity.md, section 2)."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    # MAE puts the column (w) coordinate in the first half and the row (h) in the second.
+    emb_w = _sincos_1d(dim // 2, cols.to(torch.float64).reshape(-1))
+    emb_h = _sincos_1d(dim // 2, rows.to(torch.float64).reshape(-1))
+    return torch.cat([emb_w, emb_h], dim=1).float()
+
+
+def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed (grid_size**2, dim) position table in row-major patch order, float32."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    # MAE puts the column (w) coordinate in the first half and the row (h) in the second.
-    emb_w = _sincos_1d(dim // 2, cols.reshape(-1))
-    emb_h = _sincos_1d(dim // 2, rows.reshape(-1))
-    return torch.cat([emb_w, emb_h], dim=1).float()
+    return sincos_2d(dim, rows, cols)
 
 
 def resize_grid_table(table: torch.Tensor, new_grid: int) -> torch.Tensor:

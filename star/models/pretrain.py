@@ -36,8 +36,13 @@ predicts, which encoder tokens it may see) is computed once, at index level, as 
 :class:`Layout`; the per-batch work is two gathers.
 
 Separators (Fig. 3) bypass the patch embedding and live in embedding space. All separator
-tokens share one learned position embedding (``sep_pos_embed``): a separator has no spatial
-position. Separator values per token at slot (r, c) of the k x k separator: ``zeros`` 0,
+tokens share one position encoding (Sec. 4.2: "shared positional encoding across the tokens"),
+``sep_pos_embed``: ``fixed`` (default) the 2-D sin-cos encoding of the virtual grid cell
+(-1, -1), which no patch has, as a non-persistent buffer; ``none`` nothing; ``learned`` one
+trainable trunc-normal vector (our first recipe; it makes "zeros" a learned vector and
+collapses Table 2's value ablation: docs/fidelity.md, section 2). The decoder's queries for
+separator targets have the same choice, ``dec_sep_pos_embed`` (``none``: the query is
+``ar_token`` alone). Separator values per token at slot (r, c) of the k x k separator: ``zeros`` 0,
 ``ones`` 1, ``embedding`` a learned nn.Embedding(1, D) vector, ``identity`` 1 when r == c else
 0. Targets use the same pattern in target space (p*p*3 values); the learned ``embedding``
 value has no pixel-space meaning, so its target is the zeros pattern. A ``token`` separator
@@ -62,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from star.models.blocks import MambaMLPBlock, PatchEmbed, init_encoder_weights
-from star.models.pos_embed import sincos_2d_table
+from star.models.pos_embed import sincos_2d, sincos_2d_table
 from star.models.settings import check_choices, choice_field
 from star.models.weight_decay import no_weight_decay_names
 
@@ -71,6 +76,8 @@ from star.models.weight_decay import no_weight_decay_names
 SEP_TYPES = ("none", "token", "cluster")
 SEP_VALUES = ("zeros", "ones", "embedding", "identity")
 SEP_POSITIONS = ("SC", "CS", "SCS", "CSC")
+SEP_POS_EMBEDS = ("none", "fixed", "learned")  # the separators' shared position encoding
+SEPARATOR_CELL = (-1, -1)  # the virtual grid cell whose sin-cos encoding ``fixed`` uses
 DECODER_LEVELS = 4  # one decoder block per encoder feature level (ARM's design)
 
 IMAGE, SEPARATOR = 0, 1  # token kinds (Layout's ``kind`` tensors)
@@ -87,6 +94,7 @@ class PackingConfig:
     sep_type: str = choice_field("cluster", SEP_TYPES)
     sep_value: str = choice_field("identity", SEP_VALUES)
     sep_position: str = choice_field("SC", SEP_POSITIONS)
+    sep_pos_embed: str = choice_field("fixed", SEP_POS_EMBEDS)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -138,8 +146,10 @@ class StarPretrainConfig:
     d_state: int = 16
     d_conv: int = 4
     drop_path: float = 0.0
+    dec_sep_pos_embed: str = choice_field("fixed", SEP_POS_EMBEDS)  # separator queries' position
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.decoder_depth != DECODER_LEVELS:
             raise ValueError(f"decoder_depth must be {DECODER_LEVELS} (one block per encoder level), "
                              f"got {self.decoder_depth}")
@@ -227,7 +237,7 @@ class Layout:
 
     def decoder_position(self, grid: int) -> torch.Tensor:
         """(Q,) row of the decoder's position table per target: r * g + c for a patch, g * g
-        (the one learned separator slot) for a separator."""
+        (the one separator slot, ``dec_sep_pos_embed``) for a separator."""
         t = self.targets
         return torch.where(t.kind == IMAGE, t.row * grid + t.col, torch.full_like(t.kind, grid * grid))
 
@@ -368,12 +378,32 @@ def separator_pattern(cfg: PackingConfig, dim: int, value: str | None = None) ->
     return torch.zeros(len(slots), dim)  # zeros, and the target of a learned embedding
 
 
+def separator_position(dim: int) -> torch.Tensor:
+    """(1, 1, dim) the fixed encoding shared by every separator token: sin-cos of the virtual
+    cell (-1, -1) before the first patch (docs/fidelity.md, section 2)."""
+    row, col = SEPARATOR_CELL
+    return sincos_2d(dim, torch.tensor([row]), torch.tensor([col]))[None]
+
+
+def _separator_position_slot(module: nn.Module, kind: str, dim: int) -> None:
+    """Give ``module`` its ``sep_pos_embed``: a trainable trunc-normal vector (``learned``, a
+    state-dict entry), or a non-persistent buffer (``fixed`` sin-cos, ``none`` zeros), so state
+    dicts only carry the learned kind."""
+    if kind == "learned":
+        module.sep_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(module.sep_pos_embed, std=0.02)
+    else:
+        value = separator_position(dim) if kind == "fixed" else torch.zeros(1, 1, dim)
+        module.register_buffer("sep_pos_embed", value, persistent=False)
+
+
 class SequencePacker(nn.Module):
     """Turns per-image patch tokens into packed sequences and builds the matching targets.
 
     Images arrive as (N*b, ...): images ``s*N .. s*N + N - 1`` form sequence ``s``.
-    Learned parameters (only when separators exist): ``sep_pos_embed`` (1, 1, D), and
-    ``sep_embed`` (nn.Embedding(1, D)) for the ``embedding`` value.
+    Learned parameters (only when separators exist): ``sep_pos_embed`` (1, 1, D) with
+    ``sep_pos_embed=learned`` (else a fixed buffer), and ``sep_embed`` (nn.Embedding(1, D))
+    for the ``embedding`` value.
     """
 
     def __init__(self, cfg: PackingConfig, embed_dim: int) -> None:
@@ -383,8 +413,7 @@ class SequencePacker(nn.Module):
         self._device_layout: Layout | None = None
         self._device_mask: torch.Tensor | None = None
         if cfg.sep_type != "none":
-            self.sep_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
-            nn.init.trunc_normal_(self.sep_pos_embed, std=0.02)
+            _separator_position_slot(self, cfg.sep_pos_embed, embed_dim)
             if cfg.sep_value == "embedding":
                 self.sep_embed = nn.Embedding(1, embed_dim)
                 nn.init.normal_(self.sep_embed.weight, std=0.02)
@@ -418,6 +447,8 @@ class SequencePacker(nn.Module):
             tokens = self.sep_embed.weight.expand(self.cfg.separator_tokens, -1)
         else:
             tokens = self.sep_pattern
+        if self.cfg.sep_pos_embed == "none":
+            return tokens  # a zeros separator enters the encoder as exact zeros
         return tokens + self.sep_pos_embed[0]
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
@@ -496,8 +527,13 @@ class Decoder(nn.Module):
     Linear ``enc2dec`` to 4 x decoder_dim. As in ARM's release the projection is split
     channel-interleaved: level i is ``levels[..., i::4]`` (ARM reshapes to (..., dim, 4) and
     takes [..., i]), which keeps official checkpoints meaningful. A query is ``ar_token`` plus
-    the fixed sin-cos position of the patch it predicts (``pos_embed``), or the one learned
-    ``sep_pos_embed`` for a separator target.
+    the fixed sin-cos position of the patch it predicts (``pos_embed``), or ``sep_pos_embed``
+    for a separator target (``dec_sep_pos_embed``: fixed sin-cos of cell (-1, -1), zeros, or
+    learned).
+
+    Initialisation as ARM's ``models_pretrain.py``: xavier-uniform on the decoder blocks only
+    (``dec_block.apply(atten_init_weights)``); ``enc2dec`` and ``pred`` keep PyTorch's default
+    weights with zero biases (``self.apply(_init_weights)`` zeroes every Linear bias).
     """
 
     def __init__(self, config: StarPretrainConfig) -> None:
@@ -507,15 +543,16 @@ class Decoder(nn.Module):
         nn.init.trunc_normal_(self.ar_token, std=0.02)
         self.register_buffer("pos_embed", sincos_2d_table(dim, packing.grid)[None])
         if packing.sep_type != "none":
-            self.sep_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
-            nn.init.trunc_normal_(self.sep_pos_embed, std=0.02)
+            _separator_position_slot(self, config.dec_sep_pos_embed, dim)
         self.feature_norms = nn.ModuleList(nn.LayerNorm(config.embed_dim) for _ in range(levels))
         self.enc2dec = nn.Linear(config.embed_dim * levels, dim * levels)
         self.blocks = nn.ModuleList(DecoderBlock(dim, config.decoder_heads, config.decoder_mlp_ratio)
                                     for _ in range(levels))
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, packing.target_dim)
-        self.apply(_xavier_init)
+        for linear in (self.enc2dec, self.pred):
+            nn.init.zeros_(linear.bias)
+        self.blocks.apply(_xavier_init)
 
     def queries(self, position: torch.Tensor, batch: int) -> torch.Tensor:
         """(Q,) decoder positions (:meth:`Layout.decoder_position`) -> (b, Q, dim) queries."""
@@ -604,14 +641,32 @@ class StarPretrainModel(nn.Module):
         target = self.packer.targets(images.float())  # norm-pix in float32 even under bf16
         return (pred.float() - target).pow(2).mean(), target
 
+    @torch.no_grad()
+    def loss_parts(self, pred: torch.Tensor, target: torch.Tensor, kind: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The optimised loss split by target kind, for the logs (detached, float32 scalars):
+        ``loss_image`` over the image-cluster queries, ``loss_sep`` over the separator queries
+        (absent without separators). Separator targets are a fixed pattern on 10-25 % of the
+        queries, so only ``loss_image`` compares across N and positions (docs/fidelity.md,
+        section 1). ``loss`` = (n_img * loss_image + n_sep * loss_sep) / (n_img + n_sep)."""
+        per_query = (pred.float() - target).pow(2).mean(dim=(0, 2))          # (Q,)
+        parts = {}
+        for key, value in (("loss_image", IMAGE), ("loss_sep", SEPARATOR)):
+            weight = (kind == value).to(per_query.dtype)
+            count = self.layout.targets.kind.eq(value).sum().item()          # host copy: no sync
+            if count:
+                parts[key] = (per_query * weight).sum() / count
+        return parts
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (N*b, 3, S, S), normalised -> dict with ``loss`` (scalar, float32), ``pred``
-        (b, Q, p*p*3), ``target`` (b, Q, p*p*3, float32) and ``target_kind`` (Q,) IMAGE or
-        SEPARATOR per query; ``self.layout`` describes every query."""
+        """images (N*b, 3, S, S), normalised -> dict with ``loss`` (scalar, float32, what is
+        optimised), ``loss_image`` and ``loss_sep`` (its split by target kind, detached:
+        :meth:`loss_parts`), ``pred`` (b, Q, p*p*3), ``target`` (b, Q, p*p*3, float32) and
+        ``target_kind`` (Q,) IMAGE or SEPARATOR per query; ``self.layout`` describes every query."""
         pred = self.forward_decoder(self.forward_encoder(images))
         loss, target = self.forward_loss(images, pred)
         kind = self.packer.layout_on(images.device).targets.kind
-        return {"loss": loss, "pred": pred, "target": target, "target_kind": kind}
+        return {"loss": loss, **self.loss_parts(pred, target, kind), "pred": pred, "target": target,
+                "target_kind": kind}
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:

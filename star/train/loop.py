@@ -61,6 +61,9 @@ class Task(Protocol):
 
     def end_of_epoch(self, epoch: int, step: int, engine, ema: ModelEma | None) -> dict | None: ...
 
+    # optional: ``last_metrics() -> dict[str, float]``, extra scalars of the step just taken
+    # (pretraining's loss_image / loss_sep), added to its metrics record
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -276,6 +279,7 @@ class Trainer:
             "time": time.time(),
             **self._record_extra,  # [h10] run_info, in this start's first record only
             **({"samples": samples} if samples is not None else {}),
+            **getattr(self.task, "last_metrics", dict)(),  # pretraining: loss_image, loss_sep
         })
         self._name_corrupt_samples()
         self._record_extra = {}

@@ -73,7 +73,7 @@ class RunLogger:
         self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._fh.flush()
         if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "images_per_s", "data_wait"):
+            for key in ("loss", "loss_image", "loss_sep", "lr", "grad_norm", "images_per_s", "data_wait"):
                 value = record.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
@@ -81,7 +81,9 @@ class RunLogger:
             skipped = " [red]skipped (non-finite)[/red]" if record.get("skipped") else ""
             self.console.print(
                 f"epoch {record['epoch']} step {record['step']}/{record['total_steps']} "
-                f"loss {record['loss']:.4f} lr {record['lr']:.3e} "
+                f"loss {record['loss']:.4f} "
+                + "".join(f"{k.replace('_', '-')} {record[k]:.4f} " for k in ("loss_image", "loss_sep") if k in record)
+                + f"lr {record['lr']:.3e} "
                 f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
                 f"grad-norm {record['grad_norm']:.3f}{skipped}"
                 + (f" corrupt-skipped {record['corrupt_skipped']}" if record.get("corrupt_skipped") else ""))

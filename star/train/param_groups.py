@@ -1,8 +1,10 @@
 """AdamW parameter groups: which parameters decay, and (fine-tuning) layer-wise lr scales.
 
-No weight decay for biases and other 1-D parameters (norms, D), for the names the model
-lists in ``model.no_weight_decay()`` (position embeddings, tokens, A_log, ...) and for
-parameters flagged ``_no_weight_decay`` (mamba-ssm's convention for A_log and D).
+No weight decay for biases and other 1-D parameters (norms, D) and for the names the model
+lists in ``model.no_weight_decay()`` (position embeddings, class tokens): ARM's rule, the
+default. ``ssm_weight_decay=False`` (``optim.ssm_weight_decay: false``) also exempts the
+parameters flagged ``_no_weight_decay`` (mamba-ssm's convention for A_log and D) and the
+learned tokens (``star.models.weight_decay``; docs/fidelity.md, "weight-decay rule").
 
 Each group carries ``lr_scale``; the training loop sets ``lr = schedule(step) * lr_scale``
 on every step, so groups need no scheduler of their own.
@@ -12,20 +14,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from star.models.weight_decay import no_weight_decay_names
 
-def _no_decay_names(model: nn.Module) -> set[str]:
+
+def _no_decay_names(model: nn.Module, ssm_weight_decay: bool) -> set[str]:
     listed = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     names = set()
     for name, param in model.named_parameters():
-        if (param.ndim <= 1 or name in listed or getattr(param, "_no_weight_decay", False)
-                or name.split(".")[-1] in listed):
+        if param.ndim <= 1 or name in listed or name.split(".")[-1] in listed:
             names.add(name)
+    if not ssm_weight_decay:
+        names |= no_weight_decay_names(model, ssm_weight_decay=False)
     return names
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def weight_decay_groups(model: nn.Module, weight_decay: float, ssm_weight_decay: bool = True) -> list[dict]:
     """Two groups: decayed weights and everything that must not decay."""
-    skip = _no_decay_names(model)
+    skip = _no_decay_names(model, ssm_weight_decay)
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     for name, param in model.named_parameters():
@@ -44,7 +49,8 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                       ssm_weight_decay: bool = True) -> list[dict]:
     """Groups per (layer, decay?) with lr_scale = layer_decay ** (top_layer - layer).
 
     ``model.layer_id(name)`` numbers parameters from 0 (embeddings) through i + 1 (block i)
@@ -53,7 +59,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     if not hasattr(model, "layer_id"):
         raise TypeError(f"{type(model).__name__} has no layer_id(name); layer-wise lr decay needs the "
                         f"fine-tuning model (a *_ft name) or set optim.layer_decay=null")
-    skip = _no_decay_names(model)
+    skip = _no_decay_names(model, ssm_weight_decay)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ids = {n: int(model.layer_id(n)) for n, _ in named}
     top = max(ids.values())

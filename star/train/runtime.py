@@ -157,9 +157,10 @@ def build_training(cfg: Config, dist_env: DistEnv, device: str, run_dir: Path | 
         load_init_weights(model, cfg, run_dir, verbose=dist_env.is_main, state=init_state)
     model.to(device)
     if cfg.optim.layer_decay is not None:
-        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                                    cfg.optim.ssm_weight_decay)
     else:
-        groups = weight_decay_groups(model, cfg.optim.weight_decay)
+        groups = weight_decay_groups(model, cfg.optim.weight_decay, cfg.optim.ssm_weight_decay)
     engine = build_engine(model, strip_names(groups), cfg, ds)
     seed_everything(rank_stream_seed(cfg.seed, dist_env.rank))
     amp = autocast_dtype(ds)

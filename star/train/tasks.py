@@ -28,9 +28,18 @@ class PretrainTask:
     def __init__(self, train_loader) -> None:
         self.train_loader = train_loader
         self.rng_generators: dict[str, torch.Generator] = {}
+        self._split: tuple[dict[str, torch.Tensor], int] = ({}, 0)  # this step's loss split: sums, count
 
     def loss(self, engine, batch) -> torch.Tensor:
-        return engine(batch.images)["loss"]
+        out = engine(batch.images)
+        sums, count = self._split
+        self._split = ({k: sums.get(k, 0) + out[k] for k in ("loss_image", "loss_sep") if k in out}, count + 1)
+        return out["loss"]
+
+    def last_metrics(self) -> dict[str, float]:
+        """This rank's loss split (image clusters / separators), mean over the step's micro-batches."""
+        (sums, count), self._split = self._split, ({}, 0)
+        return {k: float(v) / count for k, v in sums.items()}
 
     def end_of_epoch(self, epoch, step, engine, ema):
         return None
