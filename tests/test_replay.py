@@ -69,7 +69,7 @@ def test_replay_reproduces_logged_steps_and_the_nonfinite_origin(faulty_run, tmp
     result = json.loads((tmp_path / "a.json").read_text())
     assert result["checkpoint"] == tag_for(6) and result["nonfinite"] is False
     assert result["loss"] == records[8]["loss"] and result["grad_norm"] == records[8]["grad_norm"]
-    assert result["loss_equal"] is True and result["grad_norm_equal"] is True
+    assert result["loss_equal"] is True and result["grad_norm_equal"] is True and result["lr_equal"] is True
     assert (result["epoch"], result["step_in_epoch"]) == (records[8]["epoch"], records[8]["step_in_epoch"])
     replayed = {r["step"]: r for r in metrics(tmp_path / "a" / "replay" / "step_8")}
     assert sorted(replayed) == [7, 8] and replayed[7]["loss"] == records[7]["loss"]

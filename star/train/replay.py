@@ -31,10 +31,15 @@ mixup) are re-seeded from (seed, step, rank) because W ranks' streams cannot be 
 for bit; with them the masks differ. On a GPU, bit-exactness also needs deterministic kernels.
 Fine-tuning's evaluation at epoch ends is not run (it changes no weights and draws no random
 numbers). `ds_config=auto` resolves for the device the run was trained on (run_info.json), so a
-bf16 GPU run replayed on CPU keeps autocast bf16 unless --fp32 is given.
+bf16 GPU run replayed on CPU keeps autocast bf16.
+
+--fp32 and --kernels change step S only: the steps on the way are trained with the run's own
+precision and kernels, so step S starts from the run's weights and only the question asked
+differs (is it bf16? is it the fused kernel?). The result says whether the step stayed
+non-finite and where it went non-finite now.
 
 Exit codes: 0 replayed (finite or not), 2 bad input (no such run, step or checkpoint; --kernels
-fused without usable kernels), 74 nothing could be written to --out.
+fused without usable kernels; an --out that cannot be created).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from star.config import ConfigError, load_config, read_yaml_file
-from star.ops import describe_kernels, kernel_backend_for, require_kernels
+from star.ops import KernelsUnavailable, describe_kernels, kernel_backend_for, require_kernels
 from star.train import EXIT_OK
 from star.train.checkpoint import Checkpointer, tag_for
 from star.train.cli_common import cli_error, command_parser
@@ -115,12 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="where to replay (default auto: cuda when a GPU is visible)")
     parser.add_argument("--fp32", action="store_true",
-                        help="turn autocast off (float32 forward and backward): does the step stay finite "
-                             "without bf16?")
+                        help="step S with autocast off (float32 forward, backward and gradient reduction; "
+                             "the steps before it as the run trained them): is it bf16?")
     parser.add_argument("--kernels", choices=KERNEL_CHOICES,
                         help="the Mamba kernel path (star.ops): torch = the pure-PyTorch scan, fused = "
                              "mamba-ssm's CUDA kernels (exit 2 where they cannot run), auto = fused when "
-                             "usable; default: the run's model.kernels. Is it the fused kernel?")
+                             "usable; default: the run's model.kernels. Applies to step S (the steps before it "
+                             "take the run's path). Is it the fused kernel?")
     parser.add_argument("--out", metavar="DIR",
                         help="write OUT/replay/step_S/ (replay.json, the replayed steps' metrics.jsonl, "
                              "the report of a non-finite step); default: a new temporary directory")
@@ -181,17 +187,16 @@ def _run_device(run_dir: Path) -> str | None:
         return None
 
 
-def _ds_config(cfg, run_dir: Path, device: str, fp32: bool, out_dir: Path) -> str:
-    """The run's DeepSpeed JSON (``auto`` as it resolved for the run's device); with ``fp32`` a
-    copy without the ``torch_autocast`` section, in the replay folder."""
-    path = resolve_ds_config_path(cfg.ds_config, _run_device(run_dir) or device)
-    if not fp32:
-        return str(path)
-    ds = json.loads(path.read_text())
-    ds.pop("torch_autocast", None)
-    target = out_dir / "ds_config_fp32.json"
-    target.write_text(json.dumps(ds, indent=2) + "\n")
-    return str(target)
+def _autocast_off(engine) -> None:
+    """--fp32 for step S only: DeepSpeed's forward reads ``torch_autocast_enabled`` from its config
+    at every call, and ZeRO reduces a gradient in its parameter's ``comm_dtype`` tag (bf16 for
+    Linear / Conv weights under autocast, star/train/engine.py); both back to float32."""
+    from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
+
+    engine._config.torch_autocast_enabled = False
+    for param in engine.module.parameters():
+        if hasattr(param, PARAM_COMM_DTYPE_ATTR_NAME):
+            delattr(param, PARAM_COMM_DTYPE_ATTR_NAME)
 
 
 def _fault_factory(faults: list[dict], first_step: int, accum: int):
@@ -217,6 +222,10 @@ def _same(a, b) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+def _dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "off"
+
+
 def _json_float(value):
     value = float(value)
     return value if math.isfinite(value) else str(value)
@@ -239,8 +248,17 @@ def replay(run_dir: Path, step: int, *, device: str, fp32: bool, kernels: str | 
     start = choose_checkpoint(run_dir, step)
     cfg = load_config(base=read_yaml_file(config_path))
     device = resolve_device(device)  # cuda without a GPU: RuntimeError, reported in one line
-    kernels = kernels or cfg.model.kernels
-    kernel_plan = require_kernels(kernels, device)  # `fused` where it cannot run: exit 2 here
+    # the run's kernels on the way to step S, --kernels for step S; both checked here (exit 2)
+    try:
+        run_kernels = require_kernels(cfg.model.kernels, device)
+    except KernelsUnavailable as exc:
+        raise ReplayError(f"the run's model.kernels={cfg.model.kernels} cannot run here: {exc}; "
+                          f"replay on the run's device") from None
+    try:
+        kernel_plan = require_kernels(kernels or cfg.model.kernels, device)
+    except KernelsUnavailable as exc:
+        raise ReplayError(f"--kernels {kernels}: {exc}") from None
+    require_kernels(cfg.model.kernels, device)  # back to the run's path for the steps on the way
     dist = resolve_dist_env()
     if dist.world_size != 1:
         raise ReplayError(f"star replay runs as one process, not as {dist.world_size} ranks ({dist.source}); "
@@ -254,8 +272,8 @@ def replay(run_dir: Path, step: int, *, device: str, fp32: bool, kernels: str | 
     except OSError as exc:
         raise ReplayError(f"--out {out_root}: cannot create {out_dir}: {exc}") from None
     cfg.device = device
-    cfg.model.kernels = kernels
-    cfg.ds_config = _ds_config(cfg, run_dir, device, fp32, out_dir)
+    # the run's DeepSpeed JSON, `auto` resolved for the device it ran on (precision included)
+    cfg.ds_config = str(resolve_ds_config_path(cfg.ds_config, _run_device(run_dir) or device))
     cfg.log.tensorboard = False
     cfg.max_nonfinite_in_row = 2**31 - 1  # a streak on the way must not stop (and save)
     faults = json.loads(os.environ[TEST_FAULTS_ENV]) if os.environ.get(TEST_FAULTS_ENV) else None
@@ -273,18 +291,19 @@ def replay(run_dir: Path, step: int, *, device: str, fp32: bool, kernels: str | 
         if not trainer.resume(tag=tag_for(start)):
             raise RuntimeError(f"checkpoint {tag_for(start)} of {run_dir} did not load")
         return _advance_and_replay(trainer, run_dir, start, step, out_dir, fp32=fp32, kernel_plan=kernel_plan,
-                                   stop=stop)
+                                   run_kernels=run_kernels, stop=stop)
     finally:
         destroy()
 
 
 def _advance_and_replay(trainer: Trainer, run_dir: Path, start: int, step: int, out_dir: Path, *, fp32: bool,
-                        kernel_plan: dict, stop: StopFlag) -> dict:
+                        kernel_plan: dict, run_kernels: dict, stop: StopFlag) -> dict:
     cfg, state, plan = trainer.cfg, trainer.state, trainer.plan
     if state.step != start:
         raise RuntimeError(f"{tag_for(start)} holds step {state.step}")
     logger = _ReplayLogger(out_dir)
     trainer.logger = logger
+    run_amp = engine_amp_dtype(trainer.engine)
     # the loop's watch with the diagnosis off on the way (the training run's trajectory does not
     # depend on it, tests/test_train_nonfinite.py) and loss spikes off: min_samples above the window
     watch = _ReplayWatch(out_dir, trainer.dist_env, trainer.loader, False, cfg.log.spike_k, cfg.log.spike_window,
@@ -293,8 +312,9 @@ def _advance_and_replay(trainer: Trainer, run_dir: Path, start: int, step: int, 
     logger.info(f"[bold]replay[/bold] of step {step} of {run_dir}: from checkpoint {tag_for(start)} (epoch "
                 f"{state.epoch}, step {state.step_in_epoch} of it), {step - 1 - start} step(s) to train first, "
                 f"then step {step}; {plan.accum_steps} micro-batch(es) of {plan.micro_images} images per step on "
-                f"1 process; autocast {engine_amp_dtype(trainer.engine) or 'off'}{' (--fp32)' if fp32 else ''}, "
-                f"kernels {kernel_plan['setting']}")
+                f"1 process; the run's autocast ({_dtype(engine_amp_dtype(trainer.engine))}) and kernels "
+                f"({run_kernels['setting']}) on the way, step {step} with autocast "
+                f"{'off (--fp32)' if fp32 else 'as the run'} and kernels {kernel_plan['setting']}")
     if trainer.resize_note:
         logger.info(trainer.resize_note + "; the replayed loss agrees within tolerance, not bit for bit")
     try:
@@ -308,6 +328,9 @@ def _advance_and_replay(trainer: Trainer, run_dir: Path, start: int, step: int, 
                     while state.step_in_epoch < trainer.steps_per_epoch and state.step < step:
                         if state.step == step - 1:  # arm the diagnosis for step S, as the first of a streak
                             watch.diagnose, watch.keys, state.nonfinite_in_row = True, [], 0
+                            require_kernels(kernel_plan["setting"], str(trainer.device))  # --kernels
+                            if fp32:
+                                _autocast_off(trainer.engine)
                         code = trainer._one_step(batches, logger, stop)
                         if code is not None:
                             raise RuntimeError(f"the training step returned exit code {code}")
@@ -320,11 +343,16 @@ def _advance_and_replay(trainer: Trainer, run_dir: Path, start: int, step: int, 
                     state.step_in_epoch = 0
     finally:
         logger.close()
-    return _result(trainer, run_dir, start, step, out_dir, fp32=fp32, kernel_plan=kernel_plan)
+    changed = []  # what --fp32 / --kernels changed for step S
+    if fp32 and run_amp is not None:
+        changed.append(f"--fp32 (the run used autocast {_dtype(run_amp)})")
+    if {k: v["path"] for k, v in kernel_plan["ops"].items()} != {k: v["path"] for k, v in run_kernels["ops"].items()}:
+        changed.append(f"--kernels {kernel_plan['setting']} (the run's path: {run_kernels['setting']})")
+    return _result(trainer, run_dir, start, step, out_dir, fp32=fp32, kernel_plan=kernel_plan, changed=changed)
 
 
 def _result(trainer: Trainer, run_dir: Path, start: int, step: int, out_dir: Path, *, fp32: bool,
-            kernel_plan: dict) -> dict:
+            kernel_plan: dict, changed: list[str]) -> dict:
     logger, watch = trainer.logger, trainer.watch
     records = {r["step"]: r for r in logger.records}
     mine = records[step]
@@ -351,7 +379,10 @@ def _result(trainer: Trainer, run_dir: Path, start: int, step: int, out_dir: Pat
         "logged": None if logged is None else {k: logged.get(k) for k in ("loss", "grad_norm", "lr", "skipped")},
         "loss_equal": None if logged is None else _same(mine["loss"], logged["loss"]),
         "grad_norm_equal": None if logged is None else _same(mine["grad_norm"], logged["grad_norm"]),
-        "exact_expected": saved_world == 1 and str(sample.device) == "cpu",
+        # a schedule changed on resume (schedule.epochs) shows here: the replay uses config.yaml's
+        "lr_equal": None if logged is None else _same(mine["lr"], logged["lr"]),
+        "exact_expected": saved_world == 1 and str(sample.device) == "cpu" and not changed,
+        "changed_for_step": changed,
         "steps_on_the_way": on_the_way,
         "keys": watch.keys,  # [micro-batch][image] = [shard, key]
         "first_nonfinite_forward": report["first_nonfinite_forward"] if report else None,
@@ -376,10 +407,11 @@ def _describe(result: dict, report: dict | None) -> str:
              f"{' [red](non-finite)[/red]' if result['nonfinite'] else ''}"]
     if logged is not None:
         same = result["loss_equal"] and result["grad_norm_equal"]
+        reasons = list(result["changed_for_step"])
+        if result["trained_world_size"] != 1:
+            reasons.append(f"trained on {result['trained_world_size']} ranks: sums in another order")
         how = ("equal, bit for bit" if same else
-               "different" + ("" if result["exact_expected"] else
-                              f" (expected: trained on {result['trained_world_size']} rank(s) / not on CPU, "
-                              f"compare within tolerance)"))
+               "different" + (f" (expected: {'; '.join(reasons)})" if reasons else ""))
         lines.append(f"  run's metrics.jsonl: loss {logged['loss']}, grad norm {logged['grad_norm']}: {how}")
     off = [s["step"] for s in result["steps_on_the_way"] if not s["same"]]
     if off:
