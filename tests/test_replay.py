@@ -12,11 +12,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from star.config import ConfigError, load_config
+from star.config import ConfigError, load_config, read_yaml_file
 from star.train.checkpoint import Checkpointer, tag_for
 from star.train.replay import TEST_FAULTS_ENV, choose_checkpoint
 from star.train.replay import main as replay_main
+from star.train.runtime import build_data_loader, build_model
+from star.train.weights import consolidate_run
+from tests.test_safe_load import plant
 from tests.test_train_elastic import REL_TOL
 from tests.test_train_nonfinite import SCRIPT
 from tests.test_train_support import REPO, TINY_PRETRAIN, metrics, read_log, run_star, shard_dir, star_env
@@ -113,17 +117,17 @@ def test_replay_reproduces_logged_steps_and_the_nonfinite_origin(faulty_run, tmp
 
 
 def _fake_run(root, steps=(2, 4, 6), last=9):
-    """A run directory with the files `star replay` checks before start-up (contents empty):
+    """A run directory with the files `star replay` checks before start-up (empty pickles):
     config.yaml, metrics.jsonl up to ``last``, complete 1-rank checkpoints at ``steps``."""
     root.mkdir(parents=True, exist_ok=True)
-    load_config("smoke", TINY_PRETRAIN).save(root / "config.yaml")
+    load_config("smoke", [*TINY_PRETRAIN, f"data.dir={shard_dir()}"]).save(root / "config.yaml")
     (root / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
                                                 for s in range(1, last + 1)))
     for s in steps:
         d = root / "checkpoints" / tag_for(s)
         d.mkdir(parents=True)
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank00000.pt"):
-            (d / name).write_bytes(b"")
+            torch.save({}, d / name)
     (root / "checkpoints" / "latest").write_text(tag_for(max(steps)) + "\n")
     return root
 
@@ -146,6 +150,7 @@ def test_replay_refuses_in_one_line_before_start_up(tmp_path, capsys):
         ("--step", "10"): "never ran it (",
         ("--step", "0"): "numbered from 1",
         ("--step", "5", "--device", "cpu", "--kernels", "fused"): "fused kernels need CUDA tensors",
+        ("--step", "5", "--data-dir", str(tmp_path / "nowhere")): "train.json",
     }
     for args, expected in cases.items():
         assert replay_main([str(run), *args, "--out", str(tmp_path / "out")]) == 2
@@ -159,6 +164,13 @@ def test_replay_refuses_in_one_line_before_start_up(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert _tree_digest(run) == before
     assert not (tmp_path / "out").exists()  # refused before anything was created
+
+    # a planted pickle in the checkpoint to load: refused by name, never executed
+    marker = tmp_path / "pwned"
+    plant(run / "checkpoints" / tag_for(4) / "rng_rank00000.pt", marker)
+    assert replay_main([str(run), "--step", "5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "rng_rank00000.pt" in err and len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
 def test_replay_is_a_star_command():
@@ -192,3 +204,43 @@ def test_a_two_rank_run_replays_on_one_process_within_tolerance(tmp_path):
         assert abs(loss - records[step]["loss"]) <= REL_TOL * abs(records[step]["loss"]), (step, loss)
     assert abs(result["grad_norm"] - records[4]["grad_norm"]) <= 1e-4 * records[4]["grad_norm"]
     assert result["lr"] == records[4]["lr"]
+
+
+@pytest.mark.slow
+def test_fp32_runs_step_s_without_autocast_from_the_runs_own_weights(tmp_path):
+    """A bf16-autocast run on CPU (ds_config=zero2_bf16), no drop path: the replay of step 3
+    reproduces it bit for bit, and with --fp32 step 3's loss is that of a float32 forward of the
+    run's weights after step 2 (checkpoint step 2, consolidated), computed here directly on step
+    3's micro-batches from the loader; the bf16 forward of the same weights is the other answer."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", "smoke", "--run-dir", str(run), f"data.dir={shard_dir()}", *TINY_PRETRAIN,
+            "batch.global_images=16", "batch.micro_images=8", "model.drop_path=0.0", "ds_config=zero2_bf16",
+            "schedule.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
+    assert run_star(args, cwd=tmp_path, log_name="bf16") == [0], read_log(tmp_path, "bf16")[-3000:]
+    logged = {r["step"]: r for r in metrics(run)}[3]
+    results = {}
+    for name, extra in [("bf16", []), ("fp32", ["--fp32"])]:
+        proc = _replay([str(run), "--step", "3", "--device", "cpu", *extra, "--json", str(tmp_path / f"{name}.json")],
+                       tmp_path)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["bf16"]["loss"] == logged["loss"] and results["bf16"]["dtype_path"]["autocast"] == "bfloat16"
+    assert results["fp32"]["dtype_path"]["autocast"] is None and results["fp32"]["changed_for_step"]
+
+    cfg = load_config(base=read_yaml_file(run / "config.yaml"))
+    model = build_model(cfg)
+    model.load_state_dict(consolidate_run(run, tag=tag_for(2)))
+    model.train()
+    loader = build_data_loader(cfg, "pretrain", cfg.data.train_split, 8, rank=0, world_size=1, device="cpu")
+    batches = iter(loader.epoch(0, start_step=2 * 2))  # step 3 = loader steps 4 and 5 of epoch 0
+    fp32, bf16 = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            images = next(batches).images
+            fp32.append(float(model(images)["loss"]))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16.append(float(model(images)["loss"].float()))
+    ref32, ref16 = sum(fp32) / 2, sum(bf16) / 2
+    assert abs(ref32 - ref16) > 1e-5  # bf16 makes a visible difference here
+    assert results["fp32"]["loss"] == pytest.approx(ref32, rel=1e-6, abs=0)
+    assert results["bf16"]["loss"] == pytest.approx(ref16, rel=1e-6, abs=0)

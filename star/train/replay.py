@@ -64,7 +64,8 @@ from star.train.engine import plan_batches, resolve_ds_config_path
 from star.train.loop import Trainer
 from star.train.metrics import RunLogger
 from star.train.nonfinite import StepWatch, engine_amp_dtype, inject_nonfinite, summary
-from star.train.runtime import build_model, build_training
+from star.train.runtime import build_model, build_training, check_data
+from star.train.safe_load import check_checkpoint_dir
 from star.train.stopping import StopFlag
 
 PROG = "star replay"
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write OUT/replay/step_S/ (replay.json, the replayed steps' metrics.jsonl, "
                              "the report of a non-finite step); default: a new temporary directory")
     parser.add_argument("--json", metavar="FILE", help="also write the result (replay.json) to FILE")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="the run's shards are elsewhere now (default: data.dir of RUN_DIR/config.yaml); "
+                             "the same shards, or the samples differ")
     return parser
 
 
@@ -233,7 +237,7 @@ def _json_float(value):
 
 # ----------------------------------------------------------------------------- the replay
 def replay(run_dir: Path, step: int, *, device: str, fp32: bool, kernels: str | None,
-           out_root: Path | None = None) -> dict:
+           out_root: Path | None = None, data_dir: str | None = None) -> dict:
     """Replay ``step`` of the run in ``run_dir``; return the result (also in OUT/replay/step_S/replay.json;
     ``out_root`` None: a new temporary directory)."""
     config_path = run_dir / "config.yaml"
@@ -246,7 +250,11 @@ def replay(run_dir: Path, step: int, *, device: str, fp32: bool, kernels: str | 
     if last is not None and step > last:
         raise ReplayError(f"--step {step}: the run never ran it ({run_dir / 'metrics.jsonl'} ends at step {last})")
     start = choose_checkpoint(run_dir, step)
+    check_checkpoint_dir(run_dir / "checkpoints" / tag_for(start))  # a planted pickle stops us here
     cfg = load_config(base=read_yaml_file(config_path))
+    if data_dir is not None:
+        cfg.data.dir = data_dir
+    check_data(cfg, [cfg.data.train_split])  # shards missing here (another machine): --data-dir
     device = resolve_device(device)  # cuda without a GPU: RuntimeError, reported in one line
     # the run's kernels on the way to step S, --kernels for step S; both checked here (exit 2)
     try:
@@ -443,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             return cli_error(PROG, f"--json {args.json}: the folder {json_path.parent} does not exist")
     try:
         result = replay(run_dir, args.step, device=args.device, fp32=args.fp32, kernels=args.kernels,
-                        out_root=out_root)
+                        out_root=out_root, data_dir=args.data_dir)
     except (ConfigError, RuntimeError) as exc:
         if isinstance(exc, ConfigError) or "torch sees no GPU" in str(exc):
             return cli_error(PROG, exc)
