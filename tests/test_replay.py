@@ -23,7 +23,16 @@ from star.train.weights import consolidate_run
 from tests.test_safe_load import plant
 from tests.test_train_elastic import REL_TOL
 from tests.test_train_nonfinite import SCRIPT
-from tests.test_train_support import REPO, TINY_PRETRAIN, metrics, read_log, run_star, shard_dir, star_env
+from tests.test_train_support import (
+    REPO,
+    TINY_FINETUNE,
+    TINY_PRETRAIN,
+    metrics,
+    read_log,
+    run_star,
+    shard_dir,
+    star_env,
+)
 
 # 96 images, 16 per step in 2 micro-batches of 8: 6 steps per epoch. Checkpoints every 2 steps,
 # at the epoch end (6) and at the end (9), all kept. drop_path > 0: the replay must redraw the masks.
@@ -244,3 +253,25 @@ def test_fp32_runs_step_s_without_autocast_from_the_runs_own_weights(tmp_path):
     assert abs(ref32 - ref16) > 1e-5  # bf16 makes a visible difference here
     assert results["fp32"]["loss"] == pytest.approx(ref32, rel=1e-6, abs=0)
     assert results["bf16"]["loss"] == pytest.approx(ref16, rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
+def test_a_finetuning_run_replays_exactly_across_an_evaluated_epoch_end(tmp_path):
+    """Fine-tuning (mixup generator, EMA, evaluation at the epoch end of step 6): the checkpoint at
+    step 6 removed, step 8 is replayed from step 3; the skipped evaluation must not shift any
+    random stream, so steps 4-7 and 8 equal the run's metrics.jsonl bit for bit."""
+    run = tmp_path / "ft"
+    args = ["finetune", "--config", "smoke_finetune", "--run-dir", str(run), f"data.dir={shard_dir()}",
+            *TINY_FINETUNE, "schedule.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=10",
+            "ds_config=cpu_zero2_fp32", "ema.enabled=true"]
+    assert run_star(args, cwd=tmp_path, log_name="ft") == [0], read_log(tmp_path, "ft")[-3000:]
+    assert (run / "eval.jsonl").is_file()  # the run did evaluate at the end of epoch 0
+    shutil.rmtree(run / "checkpoints" / tag_for(6))
+    records = {r["step"]: r for r in metrics(run)}
+    proc = _replay([str(run), "--step", "8", "--device", "cpu", "--json", str(tmp_path / "r.json")], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["checkpoint"] == tag_for(3) and records[7]["epoch"] == 1
+    on_the_way = [(s["step"], s["loss"]) for s in result["steps_on_the_way"]]
+    assert on_the_way == [(s, records[s]["loss"]) for s in (4, 5, 6, 7)]
+    assert result["loss"] == records[8]["loss"] and result["grad_norm"] == records[8]["grad_norm"]
