@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("star.train.finetune", "fine-tune the 4-scan classifier from a pretrained checkpoint"),
     "eval": ("star.train.evaluate", "top-1 / top-5 of a checkpoint on the validation shards"),
     "probe": ("star.probe.cli", "k-NN / linear-probe accuracy of a pretrained encoder's frozen features"),
+    "replay": ("star.train.replay", "run one step of a run again, exactly: loss, grad norm, where a NaN came from"),
     "export": ("star.train.export", "consolidate a run's ZeRO checkpoint into a plain state dict"),
     "profile": ("star.profiling.cli", "throughput of the data pipeline, the model and the training step; FLOPs"),
     "demo": ("star.demo.run", "the whole pipeline end to end on CPU, with plots"),

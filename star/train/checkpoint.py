@@ -204,12 +204,40 @@ class Checkpointer:
             check_checkpoint_dir(self.dir / tag)
         return tag
 
-    def load(self, engine, rng_extra: dict | None = None) -> dict | None:
-        """Restore the newest complete checkpoint into ``engine``; return its client state."""
-        tag = self.check_latest()
-        if self.rank == 0:
-            self.remove_uncommitted(tag)
-        barrier()
+    def kept_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first: committed (not newer than
+        ``latest``; newer folders are saves a crash interrupted) and holding the module states,
+        every rank's ZeRO optimizer shard and every rank's RNG file."""
+        committed = self.latest_tag()
+        if committed is None:
+            return []
+        newest = int(TAG_RE.match(committed).group(1))
+        steps = []
+        for path in self.dir.iterdir():
+            m = TAG_RE.match(path.name)
+            if not (m and path.is_dir() and int(m.group(1)) <= newest):
+                continue
+            try:
+                world = checkpoint_world_size(path)
+            except FileNotFoundError:
+                continue
+            if (path / "mp_rank_00_model_states.pt").is_file() and all(
+                    (path / f"rng_rank{r:05d}.pt").is_file() for r in range(world)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def load(self, engine, rng_extra: dict | None = None, *, tag: str | None = None) -> dict | None:
+        """Restore the newest complete checkpoint into ``engine``; return its client state.
+
+        ``tag`` (``step_NNNNNNNNN``, one of :meth:`kept_steps`) loads that checkpoint instead and
+        leaves the run directory as it is (`star replay`): no uncommitted folder is removed."""
+        if tag is None:
+            tag = self.check_latest()
+            if self.rank == 0:
+                self.remove_uncommitted(tag)
+            barrier()
+        else:
+            check_checkpoint_dir(self.dir / tag)
         if tag is None:
             return None
         use_safe_loading(engine)  # DeepSpeed's own loader unpickles with weights_only=False

@@ -120,8 +120,9 @@ class Trainer:
     def save(self) -> str:
         return self.ckpt.save(self.engine, self.state.step, self._client_state(), self.task.rng_generators)
 
-    def resume(self) -> bool:
-        client = self.ckpt.load(self.engine, self.task.rng_generators)
+    def resume(self, tag: str | None = None) -> bool:
+        """Restore the newest checkpoint (or ``tag``, see Checkpointer.load); False for a new run."""
+        client = self.ckpt.load(self.engine, self.task.rng_generators, tag=tag)
         if client is None:
             return False
         self.state = TrainState(**client["train_state"])
