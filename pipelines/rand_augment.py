@@ -127,7 +127,8 @@ def apply_pil(img: Image.Image, op: int, arg: float, fill: tuple[int, int, int])
     return enhancer(img).enhance(arg)
 
 
-def draw(rng: np.random.Generator, n: int, m: float, mstd: float) -> tuple[list[int], list[bool], list[float], list[bool]]:
+def draw(rng: np.random.Generator, n: int, m: float,
+         mstd: float) -> tuple[list[int], list[bool], list[float], list[bool]]:
     """(ops, applied, clipped magnitudes, negate) for n layers, a fixed number of draws."""
     ops = rng.integers(0, len(TIMM_OPS), n)
     applied = rng.random(n) < 0.5

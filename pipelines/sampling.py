@@ -26,8 +26,9 @@ import numpy as np
 
 from pipelines import rand_augment
 
-# The "star_v1" RandAugment (``randaug: star_v1``): DALI's RandAugment suite (nvidia.dali.auto_aug.rand_augment.get_rand_augment_suite with
-# image shapes), in its order: name, magnitude range, whether the sign is random.
+# The "star_v1" RandAugment (``randaug: star_v1``): DALI's RandAugment suite
+# (nvidia.dali.auto_aug.rand_augment.get_rand_augment_suite with image shapes), in its order:
+# name, magnitude range, whether the sign is random.
 RAND_AUGMENT_OPS: tuple[tuple[str, tuple[float, float], bool], ...] = (
     ("translate_x", (0.0, 100 / 224), True),
     ("translate_y", (0.0, 100 / 224), True),

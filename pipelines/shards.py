@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.manifest import read_manifest, shard_file
-from star.errors import ConfigError
 from data_prep.wds_tar import split_name
+from star.errors import ConfigError
 
 
 class CorruptSampleError(ConfigError):

@@ -298,7 +298,7 @@ def _check_ranges(data: dict) -> None:
 
 def _hints(cls) -> dict[str, Any]:
     if cls is ModelConfig:  # the model's settings as optional fields (null = the model's value)
-        return {"name": str, "kernels": str, **{name: typing.Optional[s.type] for name, s in all_settings().items()}}
+        return {"name": str, "kernels": str, **{name: s.type | None for name, s in all_settings().items()}}
     return typing.get_type_hints(cls)
 
 

@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from star.models import (StarClassifierConfig, StarPretrainConfig, build_layout, list_models,
-                         model_config)
+from star.models import StarClassifierConfig, StarPretrainConfig, build_layout, list_models, model_config
 
 SCAN_FLOPS_PER_STATE = 9
 TRAINING_MULTIPLIER = 3
@@ -213,7 +212,8 @@ def flops_for_name(name: str, **overrides) -> FlopCount:
 def main(argv: list[str] | None = None) -> int:
     """``python -m star.flops [NAME ...]``: forward / training GFLOPs per image by model name."""
     parser = argparse.ArgumentParser(prog="python -m star.flops", description=main.__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"registry names (default: all): {', '.join(list_models())}")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"registry names (default: all): {', '.join(list_models())}")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(list_models()))
     if unknown:

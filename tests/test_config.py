@@ -335,7 +335,8 @@ def test_num_classes_null_is_filled_later_and_reaches_the_model():
 
 def _header(name: str) -> str:
     lines = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()
-    return "\n".join(line for line in lines[: next(i for i, l in enumerate(lines) if not l.startswith("#"))])
+    end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    return "\n".join(lines[:end])
 
 
 PRETRAIN_PRESETS = [n for n in list_presets() if load_config(n).kind == "pretrain"]
@@ -378,7 +379,8 @@ def test_star_l_uses_arm_l_batch_and_scaled_lr():
 
 def test_separator_position_and_weight_decay_keys():
     cfg = load_config("abl_value_zeros")
-    assert (cfg.model.sep_pos_embed, cfg.model.dec_sep_pos_embed, cfg.optim.ssm_weight_decay) == ("fixed", "fixed", True)
+    settings = (cfg.model.sep_pos_embed, cfg.model.dec_sep_pos_embed, cfg.optim.ssm_weight_decay)
+    assert settings == ("fixed", "fixed", True)
     cfg = load_config("abl_value_zeros", ["model.sep_pos_embed=none", "model.dec_sep_pos_embed=learned",
                                           "optim.ssm_weight_decay=false"])
     model = build_model(cfg)

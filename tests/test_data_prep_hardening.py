@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import manifest as manifest_mod
 from data_prep import labels, shard, synth, verify, wds_tar
+from data_prep import manifest as manifest_mod
 from data_prep.manifest import ManifestError
 from pipelines import build_loader
 from pipelines import shards as pipeline_shards

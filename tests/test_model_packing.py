@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from star.models.pretrain import (
-    IMAGE, SEP_POSITIONS, SEPARATOR, PackingConfig, SequencePacker, build_layout,
+    IMAGE,
+    SEP_POSITIONS,
+    SEPARATOR,
+    PackingConfig,
+    SequencePacker,
+    build_layout,
     cluster_priority_order,
 )
 

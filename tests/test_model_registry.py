@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star.models import (PackingConfig, StarClassifier, StarPretrainConfig, StarPretrainModel, create_model,
-                         fp32_parameter_names, list_models, model_config)
+from star.models import (
+    PackingConfig,
+    StarClassifier,
+    StarPretrainConfig,
+    StarPretrainModel,
+    create_model,
+    fp32_parameter_names,
+    list_models,
+    model_config,
+)
 from star.models.pretrain import Decoder, feature_levels
 
 

@@ -20,8 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from pipelines import build_loader, rand_augment
 from pipelines.loader import erase_noise
-from pipelines.sampling import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EpochPlan, eval_resize_crop,
-                                sample_params)
+from pipelines.sampling import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EpochPlan, eval_resize_crop, sample_params
 from pipelines.shards import ShardSet, jpeg_size
 from tests.support.pipeline_fixtures import sample_jpeg, synthetic_jpeg, write_split
 
@@ -345,7 +344,8 @@ def test_pixel_erasing_writes_the_seeded_noise(data_dir, backend):
             continue
         inside = torch.zeros(64, 64, dtype=torch.bool)
         inside[y : y + h, x : x + w] = True
-        assert torch.equal(pixel.images[slot][:, inside], erase_noise(p.erase_seed, h, w, torch.device("cpu")).flatten(1))
+        noise = erase_noise(p.erase_seed, h, w, torch.device("cpu")).flatten(1)
+        assert torch.equal(pixel.images[slot][:, inside], noise)
         assert torch.equal(const.images[slot][:, inside], torch.zeros(3, int(inside.sum())))
         assert torch.equal(pixel.images[slot][:, ~inside], const.images[slot][:, ~inside])
         noise.append(pixel.images[slot][:, inside].flatten())

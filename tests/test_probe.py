@@ -218,7 +218,8 @@ def test_probe_from_weights_files_and_random_init(tmp_path, capsys):
         assert code == 0, err
         out[name] = (json.loads((tmp_path / f"{name}.json").read_text()), saved(tmp_path / f"{name}.pt"))
     result = out["export"][0]
-    assert (result["train_images"], result["val_images"], result["feature_dim"], result["num_classes"]) == (96, 20, 32, 4)
+    sizes = (result["train_images"], result["val_images"], result["feature_dim"], result["num_classes"])
+    assert sizes == (96, 20, 32, 4)
     assert result["checkpoint_form"] == "weights_file" and out["random0"][0]["checkpoint_form"] == "random_init"
     assert result["pool"] == "mean" and 0 <= result["top1"] <= result["top5"] <= 100
     # the file's weights are used: its features are those of the same init drawn directly

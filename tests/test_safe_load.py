@@ -18,8 +18,13 @@ import pytest
 import torch
 
 from star.train.checkpoint import capture_rng, tag_for
-from star.train.safe_load import (UnsafeCheckpointError, check_checkpoint_dir, safe_load, unsafe_globals,
-                                  use_safe_loading)
+from star.train.safe_load import (
+    UnsafeCheckpointError,
+    check_checkpoint_dir,
+    safe_load,
+    unsafe_globals,
+    use_safe_loading,
+)
 from star.train.weights import consolidate_run, read_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,8 @@ def test_a_matching_pretraining_checkpoint_passes():
 
 def test_a_shallower_checkpoint_is_refused_with_a_table():
     with pytest.raises(ConfigError) as err:
-        check_init_covers_encoder(_cfg("model.depth=4"), _pretrained("model.depth=2"), build_model(_cfg("model.depth=4")))
+        deeper = _cfg("model.depth=4")
+        check_init_covers_encoder(deeper, _pretrained("model.depth=2"), build_model(deeper))
     message = str(err.value)
     assert "encoder parameters of" in message
     assert "layers.2.*" in message and "layers.3.*" in message and "all 40 tensors" in message, message

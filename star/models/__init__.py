@@ -8,8 +8,15 @@ Every model keeps its configuration dataclass as ``model.config``.
 
 from star.models.classifier import LoadReport, StarClassifier, StarClassifierConfig
 from star.models.mamba import fp32_parameter_names
-from star.models.pretrain import (Layout, PackingConfig, StarPretrainConfig, StarPretrainModel, build_layout,
-                                  from_arm_state_dict, to_arm_state_dict)
+from star.models.pretrain import (
+                                  Layout,
+                                  PackingConfig,
+                                  StarPretrainConfig,
+                                  StarPretrainModel,
+                                  build_layout,
+                                  from_arm_state_dict,
+                                  to_arm_state_dict,
+)
 from star.models.registry import all_settings, create_model, list_models, model_config, model_settings
 
 __all__ = [

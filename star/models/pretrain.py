@@ -181,7 +181,7 @@ class Slots(NamedTuple):
     col: torch.Tensor
     source: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Slots":
+    def to(self, device: torch.device | str) -> Slots:
         return Slots(*(t.to(device) for t in self))
 
 
@@ -241,7 +241,7 @@ class Layout:
         t = self.targets
         return torch.where(t.kind == IMAGE, t.row * grid + t.col, torch.full_like(t.kind, grid * grid))
 
-    def to(self, device: torch.device | str) -> "Layout":
+    def to(self, device: torch.device | str) -> Layout:
         return Layout(self.tokens.to(device), self.targets.to(device), self.target_token.to(device),
                       self.encoder_length)
 

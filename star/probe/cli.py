@@ -61,14 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "with --config it replaces model.name")
     parser.add_argument("--pool", choices=POOLS, default="mean",
                         help="mean of the image's output tokens (default) or its last token")
-    parser.add_argument("--train-images", type=int, metavar="N", help="use a subset of N train images (fixed by --seed)")
+    parser.add_argument("--train-images", type=int, metavar="N",
+                        help="use a subset of N train images (fixed by --seed)")
     parser.add_argument("--val-images", type=int, metavar="N", help="use a subset of N val images (fixed by --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="subsets, random init and the probe's own stream (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="subsets, random init and the probe's own stream (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per rank per extraction batch (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="extraction autocast: auto = bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--backend", choices=("dali", "baseline"), help="loader backend (default: the config's, else dali)")
+    parser.add_argument("--backend", choices=("dali", "baseline"),
+                        help="loader backend (default: the config's, else dali)")
     parser.add_argument("--num-threads", type=int, help="decoding threads per rank (default: the config's, else 2)")
     knn = parser.add_argument_group("knn")
     knn.add_argument("--k", type=int, default=K_DEFAULT, help=f"neighbours (default {K_DEFAULT}, DINO)")

@@ -28,8 +28,7 @@ from star.profiling.model import ModelProfileSettings, format_quick_check, profi
 from star.profiling.report import aggregate_model, print_report, projection, write_json
 from star.profiling.step import StepProfileSettings, profile_step
 from star.train.cli_common import add_config_argument, add_overrides_argument
-from star.train.distributed import (all_gather_objects, destroy, init_distributed, resolve_device,
-                                    resolve_dist_env)
+from star.train.distributed import all_gather_objects, destroy, init_distributed, resolve_device, resolve_dist_env
 from star.train.runtime import build_model, seed_everything
 
 SUBCOMMANDS = {

@@ -41,7 +41,8 @@ def build_data_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, metavar="S",
                         help="output side in pixels (default: model.img_size, else 192)")
     parser.add_argument("--loader", choices=("dali", "baseline"), help="backend (default: data.backend, else dali)")
-    parser.add_argument("--threads", type=int, help="DALI threads / DataLoader workers (default: data.num_threads, else 2)")
+    parser.add_argument("--threads", type=int,
+                        help="DALI threads / DataLoader workers (default: data.num_threads, else 2)")
     parser.add_argument("--device", default=None,
                         help="where batches land: cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when a GPU "
                              "is visible, else cpu); on cuda DALI decodes with nvJPEG")

@@ -159,7 +159,8 @@ def quick_check(name: str, *, batch: int | None, device: str, images_per_seq: in
     defaults and run one float32 forward + backward on random images, a check that it builds,
     fits and trains on this machine. ``batch`` counts images, or with ``batch_in_sequences``
     sequences of N images for a pretraining model (a classifier's batch is always images); None
-    means one sequence (pretraining) or one image (classifier). Raises ValueError for an unknown model, a bad batch or a missing GPU."""
+    means one sequence (pretraining) or one image (classifier). Raises ValueError for an unknown
+    model, a bad batch or a missing GPU."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA is not available on this machine; use --device cpu")

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from star.config import ConfigError
 
-
 # Variables a process launcher sets next to RANK / WORLD_SIZE: their presence means RANK came
 # from a launcher running inside the job (torchrun: LOCAL_WORLD_SIZE, GROUP_RANK, TORCHELASTIC_*;
 # deepspeed's launcher: CROSS_RANK, LOCAL_SIZE), not from the submitting shell.

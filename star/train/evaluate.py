@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from star.config import ConfigError, load_config, read_yaml_file
 from star.train.cli_common import add_config_argument, add_overrides_argument, command_parser
 from star.train.distributed import destroy, init_inference, resolve_device

@@ -288,7 +288,8 @@ class Trainer:
             self.save()
             logger.info(f"[red]stopping: {state.nonfinite_in_row} non-finite steps in a row[/red] (step "
                         f"{state.step}, max_nonfinite_in_row={cfg.max_nonfinite_in_row}). The last good weights "
-                        f"are saved; lower optim.base_lr or check the data before resuming. Exit code {EXIT_NONFINITE}.")
+                        f"are saved; lower optim.base_lr or check the data before resuming. "
+                        f"Exit code {EXIT_NONFINITE}.")
             return EXIT_NONFINITE
         if stop_votes > 0:
             tag = self.save()

@@ -7,34 +7,41 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines import build_loader
 from star.config import Config, ConfigError, diff_configs, load_config, read_yaml_file
-from star.train.distributed import DistEnv, destroy, init_distributed, resolve_device, resolve_dist_env
-from star.train.engine import (BatchPlan, autocast_dtype, build_ds_config, build_engine, plan_batches,
-                               resolve_ds_config_path)
-from star.train.loop import Trainer
-from star.train.param_groups import layer_decay_groups, strip_names, weight_decay_groups
-from star.train.seeds import mixup_seed, rank_stream_seed, weights_seed
-from star.train.stopping import StopFlag
-from star.train.checkpoint import Checkpointer
-from star.train.monitor import check_monitor_data
-from star.train.init_weights import check_init_covers_encoder, read_init_state
-from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
 from star.models import create_model
 from star.ops import require_kernels
+from star.train.checkpoint import Checkpointer
+from star.train.distributed import DistEnv, destroy, init_distributed, resolve_device, resolve_dist_env
+from star.train.engine import (
+    BatchPlan,
+    autocast_dtype,
+    build_ds_config,
+    build_engine,
+    plan_batches,
+    resolve_ds_config_path,
+)
+from star.train.init_weights import check_init_covers_encoder, read_init_state
+from star.train.loop import Trainer
+from star.train.monitor import check_monitor_data
+from star.train.param_groups import layer_decay_groups, strip_names, weight_decay_groups
 from star.train.run_info import collect_run_info, write_run_info
+from star.train.seeds import mixup_seed, rank_stream_seed, weights_seed
+from star.train.stopping import StopFlag
+from star.train.tasks import FinetuneTask, PretrainTask, fill_num_classes, load_init_weights, needs_init
 
 # Keys that may change when a run is resumed: they do not change the trajectory.
-RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.", "checkpoint.",
-                     "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device", "ds_config", "eval_every_epochs",
-                     "model.kernels", "monitor.")
+RESUMABLE_CHANGES = ("name", "data.dir", "data.num_threads", "data.backend", "data.on_corrupt", "log.",
+                     "checkpoint.", "schedule.max_steps", "max_nonfinite_in_row", "init_allow_partial", "device",
+                     "ds_config", "eval_every_epochs", "model.kernels", "monitor.")
 # Keys that may change with a warning: deliberate decisions about the rest of a run (train
 # longer; another node count needs another micro batch: same global batch, other rounding).
 RESUMABLE_WITH_WARNING = ("schedule.epochs", "batch.micro_images")

@@ -2,8 +2,9 @@
 
 Linear warmup from 0 to the peak, then half a cosine from the peak down to ``min_lr``, as in
 MAE's per-iteration schedule (which ARM keeps). The peak scales with the batch, ``min_lr`` does
-not; each parameter group then multiplies both by its layer-decay ``lr_scale``. Because the rate is recomputed from the step on every step, a
-resumed run follows the same curve as an uninterrupted one by construction.
+not; each parameter group then multiplies both by its layer-decay ``lr_scale``. Because the
+rate is recomputed from the step on every step, a resumed run follows the same curve as an
+uninterrupted one by construction.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ class StopFlag:
         self.signal_name: str | None = None
         self._previous = {}
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from data_prep.manifest import read_manifest
 from star.config import Config, ConfigError
 from star.train.init_weights import read_init_state
-from star.train.validation import evaluate
 from star.train.mixup import Mixup
+from star.train.validation import evaluate
 
 
 class PretrainTask:
