@@ -344,8 +344,8 @@ def test_pixel_erasing_writes_the_seeded_noise(data_dir, backend):
             continue
         inside = torch.zeros(64, 64, dtype=torch.bool)
         inside[y : y + h, x : x + w] = True
-        noise = erase_noise(p.erase_seed, h, w, torch.device("cpu")).flatten(1)
-        assert torch.equal(pixel.images[slot][:, inside], noise)
+        seeded = erase_noise(p.erase_seed, h, w, torch.device("cpu")).flatten(1)
+        assert torch.equal(pixel.images[slot][:, inside], seeded)
         assert torch.equal(const.images[slot][:, inside], torch.zeros(3, int(inside.sum())))
         assert torch.equal(pixel.images[slot][:, ~inside], const.images[slot][:, ~inside])
         noise.append(pixel.images[slot][:, inside].flatten())
