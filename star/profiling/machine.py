@@ -10,7 +10,6 @@ table has no MFU unless ``--peak-tflops`` gives its peak; neither has a CPU.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import os
 import platform
 import re
@@ -20,6 +19,7 @@ import subprocess
 import torch
 
 from star.ops import describe_kernels
+from star.train.run_info import dali_version, installed_version
 
 # (regular expression on the device name, peak dense bf16 TFLOP/s, variant)
 PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
@@ -62,21 +62,6 @@ def resolve_peak_tflops(device: str, override: float | None) -> tuple[float | No
     return peak, f"table: {variant}, dense bf16"
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _dali_version() -> str | None:
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali"):
-            return f"{dist.version} ({name})"
-    return None
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -113,7 +98,7 @@ def describe_machine(device: str = "cpu") -> dict:
         "cuda_available": torch.cuda.is_available(),
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "versions": {name: _version(name) for name in PACKAGES} | {"nvidia-dali": _dali_version()},
+        "versions": {name: installed_version(name) for name in PACKAGES} | {"nvidia-dali": dali_version()},
     }
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -27,7 +27,8 @@ DISTRIBUTIONS = {"torch": "torch", "mamba-ssm": "mamba_ssm", "causal-conv1d": "c
                  "deepspeed": "deepspeed"}
 
 
-def _version(distribution: str) -> str | None:
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (pip name), None when absent."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -56,7 +57,7 @@ def nccl_version() -> str | None:
 
 def collect_versions() -> dict:
     """Installed versions (None: not installed). ``cuda`` is the CUDA torch was built with."""
-    versions = {key: _version(dist) for dist, key in DISTRIBUTIONS.items()}
+    versions = {key: installed_version(dist) for dist, key in DISTRIBUTIONS.items()}
     versions["torch"] = torch.__version__  # the running one (a source build has no metadata)
     versions.update(cuda=torch.version.cuda, dali=dali_version(), nccl=nccl_version())
     return versions
