@@ -94,8 +94,9 @@ def test_quick_demo_summary_matches_what_the_stages_wrote(quick_demo):
             assert written["checkpoint_form"] == ("random_init" if init == "random_init" else "run_dir")
             assert facts[init]["top1"] == written["top1"] and facts[init]["top5"] == written["top5"]
             assert 0 <= written["top1"] <= written["top5"] <= 100
-            # probes read the labeled subset and the whole validation split, each image once
-            assert written["train_images"] == labeled and written["val_images"] == val_images
+            # probes read every training image (with its label) and the validation split, each once
+            assert written["train_images"] == summary["dataset"]["train_images"]
+            assert written["val_images"] == val_images
         assert facts["top1_gain"] == pytest.approx(facts["pretrained"]["top1"] - facts["random_init"]["top1"])
         assert facts["top1_gain_stderr"] >= 0
     # the in-loop monitor: on exactly when the pretraining run logged knn_top1
@@ -180,18 +181,27 @@ def test_stage_commands_use_real_presets_and_keys(tmp_path):
     pre, scratch = stages["finetune_pretrained"].argv, stages["finetune_scratch"].argv
     i = pre.index("--init")
     assert pre[:i] + pre[i + 2:] == [a.replace("finetune_scratch", "finetune_pretrained") for a in scratch]
-    # pretraining reads every training image; probes and fine-tunes the labeled subset only
+    # pretraining and the probes read every training image; the fine-tunes the labeled subset only
     shards, labeled = tmp_path / "data" / "shards", tmp_path / "data" / "labeled_shards"
     assert f"data.dir={shards}" in stages["pretrain"].argv and f"data.dir={labeled}" in pre
     for mode in ("knn", "linear"):
         rand, trained = stages[f"probe_{mode}_random_init"].argv, stages[f"probe_{mode}_pretrained"].argv
         assert rand[:2] == trained[:2] == ["probe", mode]
         for argv in (rand, trained):
-            assert argv[argv.index("--data") + 1] == str(labeled)
+            assert argv[argv.index("--data") + 1] == str(shards)
         # the same probe apart from the encoder and the JSON it writes
         strip = {"--random-init", "--config", "demo_pretrain", "--ckpt", str(tmp_path / "runs" / "pretrain")}
         assert [a for a in rand if a not in strip and not a.endswith(".json")] == \
                [a for a in trained if a not in strip and not a.endswith(".json")]
+
+
+def test_full_demo_fine_tunes_on_ten_labels_per_class(tmp_path):
+    stages = demo.build_stages(tmp_path, demo.FULL, seed=0)
+    assert demo.FULL.labeled_per_class == 10 < demo.FULL.unlabeled_per_class
+    argv = stages["synth_labeled"].argv
+    assert argv[argv.index("--per-class") + 1] == "10"
+    # 100 labeled images / batch 25 = 4 steps per epoch, demo_finetune's 25 epochs
+    assert stages["finetune_pretrained"].total_steps == stages["finetune_scratch"].total_steps == 100
 
 
 @pytest.mark.slow

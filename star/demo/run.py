@@ -19,8 +19,9 @@ them can be repeated alone (they are also written to OUT/commands.sh):
 10. star finetune  ... and from random initialisation, with exactly the same recipe
 11. star eval      top-1 / top-5 of both fine-tuned classifiers on the validation split
 
-The probes and the fine-tunes see only the labeled subset (the low-label regime that
-self-supervised pretraining is for); pretraining sees every training image. While a stage
+Pretraining sees every training image without its label; the fine-tunes see only the
+labeled subset (the low-label regime that self-supervised pretraining is for); the probes
+measure the frozen features with every training label (more labels, less noise). While a stage
 runs the terminal shows its live progress (training: step, loss, images/s, time left; other
 stages: the last line of their log; piped output gets a plain status line every few seconds);
 the full output of each stage goes to OUT/logs/, and a failing stage stops the demo and names
@@ -68,8 +69,9 @@ class Budget:
     """Dataset sizes and the training overrides (on top of the demo_* presets) of one demo size.
 
     Pretraining reads every training image without its label (``unlabeled_per_class`` per
-    class); the probes and both fine-tunes see only the first ``labeled_per_class`` of them
-    with their labels (the low-label regime self-supervised pretraining is meant for).
+    class); both fine-tunes see only the first ``labeled_per_class`` of them with their labels
+    (the low-label regime self-supervised pretraining is meant for). The probes measure the
+    frozen features with every training image's label: more labels, less noise.
     """
 
     classes: int
@@ -84,11 +86,11 @@ class Budget:
 
 # The full demo uses the presets as they are (how long it takes: README's "what to expect");
 # --quick shrinks the data and the schedules so that every stage and figure still runs.
-FULL = Budget(classes=10, unlabeled_per_class=100, labeled_per_class=100, val_per_class=20, shard_bytes=4_000_000)
+FULL = Budget(classes=10, unlabeled_per_class=100, labeled_per_class=10, val_per_class=20, shard_bytes=4_000_000)
 QUICK = Budget(classes=4, unlabeled_per_class=16, labeled_per_class=8, val_per_class=4, shard_bytes=1_000_000,
                pretrain_overrides=("batch.global_images=16", "batch.micro_images=16",
                                    "schedule.epochs=2", "schedule.warmup_epochs=1", "log.every_steps=1"),
-               finetune_overrides=("batch.global_images=8", "batch.micro_images=8",
+               finetune_overrides=("batch.global_images=8", "batch.micro_images=8", "eval_every_epochs=1",
                                    "schedule.epochs=2", "schedule.warmup_epochs=1", "log.every_steps=1"),
                linear_probe=("--epochs", "5", "--warmup-epochs", "1"))
 
@@ -372,7 +374,7 @@ def build_stages(out: Path, budget: Budget, seed: int) -> dict[str, Stage]:
         model = ["--ckpt", str(runs / "pretrain")] if init == "pretrained" else \
             ["--random-init", "--config", "demo_pretrain"]
         extra = list(budget.linear_probe) if mode == "linear" else []
-        return ["probe", mode, *model, "--data", str(labeled), "--device", "cpu", "--seed", str(seed), *extra,
+        return ["probe", mode, *model, "--data", str(shards), "--device", "cpu", "--seed", str(seed), *extra,
                 "--json", str(probes / f"{mode}_{init}.json")]
 
     def finetune(run: str, init: list[str]) -> list[str]:
@@ -383,7 +385,7 @@ def build_stages(out: Path, budget: Budget, seed: int) -> dict[str, Stage]:
                 "--json", str(runs / run / "final_eval.json")]
 
     ft_steps = steps("demo_finetune", ft_over, n_labeled)
-    probe_images = n_labeled + n_val
+    probe_images = n_unlabeled + n_val
     stages = [
         Stage("synth", "make a synthetic dataset", synth(images, budget.unlabeled_per_class, budget.val_per_class),
               images=n_unlabeled + n_val),
@@ -392,7 +394,7 @@ def build_stages(out: Path, budget: Budget, seed: int) -> dict[str, Stage]:
         Stage("shard_train", "shard the training split (pretraining: images only)",
               shard(images / "train", shards, "train"), images=n_unlabeled),
         Stage("shard_val", "shard the validation split", shard(images / "val", shards, "val"), images=n_val),
-        Stage("shard_labeled", "shard the labeled subset (probes and fine-tuning)",
+        Stage("shard_labeled", "shard the labeled subset (fine-tuning)",
               shard(labeled_images / "train", labeled, "train"), images=n_labeled),
         Stage("shard_labeled_val", "the validation split next to it", shard(images / "val", labeled, "val"),
               images=n_val),
@@ -507,14 +509,15 @@ def summary_table(summary: dict) -> Table:
 
 
 def comparison_table(summary: dict) -> Table:
-    """Random init vs STAR pretrained on the same labeled images: probes and fine-tunes."""
-    table = Table(title=f"what pretraining buys: validation top-1 on {summary['dataset']['val_images']} images "
-                        f"({summary['dataset']['labeled_images']} labeled training images)")
+    """Random init vs STAR pretrained: frozen-feature probes and fine-tunes."""
+    data = summary["dataset"]
+    table = Table(title=f"what pretraining buys: validation top-1 on {data['val_images']} images")
     for column in ("measure", "random init", "STAR pretrained", "gain", "1 s.e."):
         table.add_column(column, justify="left" if column == "measure" else "right")
-    rows = [(f"{mode} probe (frozen features)", facts["random_init"]["top1"], facts["pretrained"]["top1"],
-             facts["top1_gain"], facts["top1_gain_stderr"]) for mode, facts in summary["probes"].items()]
-    rows.append(("fine-tuned (same recipe and steps)", summary["finetune_scratch"]["top1"],
+    rows = [(f"{mode} probe (frozen, {facts['pretrained']['train_images']} labels)", facts["random_init"]["top1"],
+             facts["pretrained"]["top1"], facts["top1_gain"], facts["top1_gain_stderr"])
+            for mode, facts in summary["probes"].items()]
+    rows.append((f"fine-tuned ({data['labeled_images']} labels, same recipe)", summary["finetune_scratch"]["top1"],
                  summary["finetune_pretrained"]["top1"], summary["top1_gain_from_pretraining"],
                  summary["top1_gain_stderr"]))
     for name, scratch, pretrained, gain, se in rows:
