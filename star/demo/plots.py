@@ -183,11 +183,12 @@ def plot_knn_monitor(records: list[dict], out: Path, *, source: str = "", num_cl
         for init, value in (probes or {}).items():
             style = INIT_STYLES[init]
             ax.axhline(value, color=style["color"], lw=1, ls="-.",
-                       label=f"`star probe knn`, {style['label']} (labeled set): {value:.1f}%")
+                       label=f"`star probe knn`, {style['label']} (every train label): {value:.1f}%")
         if num_classes:
             ax.axhline(100.0 / num_classes, color="gray", ls="--", lw=1, label=f"chance ({100.0 / num_classes:.0f}%)")
         ax.set(title="in-loop k-NN monitor during pretraining", xlabel="optimizer step" if x_key == "step" else "epoch",
-               ylabel="validation top-1 (%)", ylim=(0, 100))
+               ylabel="validation top-1 (%)", ylim=(0, 103))
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         if source:
