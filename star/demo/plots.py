@@ -1,7 +1,8 @@
-"""The figures of `star demo`: training curves, fine-tuning accuracy, and what the model predicts.
+"""The figures of `star demo`: training curves, fine-tuning accuracy, frozen-feature probes,
+the in-loop k-NN monitor, and what the model predicts.
 
-Everything here reads what the training commands wrote (``metrics.jsonl``, ``eval.jsonl``,
-the exported weights, the shards), so the figures can be redrawn from a finished demo
+Everything here reads what the commands wrote (``metrics.jsonl``, ``eval.jsonl``, the probes'
+JSON, the exported weights, the shards), so the figures can be redrawn from a finished demo
 directory without training again. matplotlib runs headless (Agg).
 """
 
@@ -22,6 +23,10 @@ from star.train.runtime import build_model
 FIGURE_DPI = 110
 RUN_STYLES = {"pretrained": {"color": "tab:blue", "label": "from STAR pretraining"},
               "scratch": {"color": "tab:orange", "label": "from random init"}}
+INIT_STYLES = {"random_init": {"color": "tab:orange", "label": "random init"},
+               "pretrained": {"color": "tab:blue", "label": "STAR pretrained"}}
+# where the in-loop k-NN monitor's records may be, in a pretraining run directory
+MONITOR_FILES = ("metrics.jsonl", "monitor.jsonl", "eval.jsonl")
 
 
 def pyplot():
@@ -118,6 +123,83 @@ def plot_accuracy(evals: dict[str, list[dict]], num_classes: int, out: Path) -> 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_probe_comparison(results: dict[str, dict[str, float]], stderr: dict[str, float], num_classes: int,
+                          out: Path) -> Path:
+    """Validation top-1 of random init vs STAR pretrained, one group per measure.
+
+    ``results``: ``{measure: {"random_init": top1, "pretrained": top1}}`` (e.g. "k-NN probe",
+    "linear probe", "fine-tuned"); ``stderr``: ``{measure: one standard error}`` drawn as error
+    bars on both bars (binomial, over the validation images).
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    width = 0.38
+    for j, (init, style) in enumerate(INIT_STYLES.items()):
+        xs = [i + (j - 0.5) * width for i in range(len(results))]
+        values = [results[m][init] for m in results]
+        errors = [stderr.get(m, 0.0) for m in results]
+        bars = ax.bar(xs, values, width, yerr=errors, capsize=4, color=style["color"], label=style["label"])
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=8)
+    ax.axhline(100.0 / num_classes, color="gray", ls="--", lw=1, label=f"chance ({100.0 / num_classes:.0f}%)")
+    ax.set_xticks(range(len(results)), list(results))
+    ax.set(title="validation top-1: what pretraining buys (error bars: one standard error)", ylabel="top-1 (%)",
+           ylim=(0, 105))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def monitor_records(run_dir: Path) -> tuple[list[dict], Path | None]:
+    """The in-loop k-NN monitor's records (those with ``knn_top1``) of a pretraining run, and
+    the file they came from; ``([], None)`` when the monitor was off."""
+    for name in MONITOR_FILES:
+        path = Path(run_dir) / name
+        if path.is_file():
+            records = [r for r in read_jsonl(path) if isinstance(r.get("knn_top1"), (int, float))]
+            if records:
+                return records, path
+    return [], None
+
+
+def plot_knn_monitor(records: list[dict], out: Path, *, source: str = "", num_classes: int | None = None,
+                     probes: dict[str, float] | None = None) -> Path:
+    """``knn_top1`` (and ``knn_top5``) over pretraining from the in-loop monitor's records; with
+    none, a figure that says the monitor was off and how to turn it on. ``probes``: the demo's
+    own k-NN probes ({"random_init": top1, "pretrained": top1}) drawn as reference lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    if records:
+        x_key = "step" if all("step" in r for r in records) else "epoch"
+        xs = [r[x_key] for r in records]
+        ax.plot(xs, [r["knn_top1"] for r in records], marker="o", lw=2, color="tab:green", label="k-NN top-1")
+        if all(isinstance(r.get("knn_top5"), (int, float)) for r in records):
+            ax.plot(xs, [r["knn_top5"] for r in records], marker=".", lw=1.5, ls=":", color="tab:green",
+                    label="k-NN top-5")
+        for init, value in (probes or {}).items():
+            style = INIT_STYLES[init]
+            ax.axhline(value, color=style["color"], lw=1, ls="-.",
+                       label=f"`star probe knn`, {style['label']} (every train label): {value:.1f}%")
+        if num_classes:
+            ax.axhline(100.0 / num_classes, color="gray", ls="--", lw=1, label=f"chance ({100.0 / num_classes:.0f}%)")
+        ax.set(title="in-loop k-NN monitor during pretraining", xlabel="optimizer step" if x_key == "step" else "epoch",
+               ylabel="validation top-1 (%)", ylim=(0, 103))
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        if source:
+            fig.text(0.99, 0.01, f"from {source}", ha="right", va="bottom", fontsize=7, color="gray")
+    else:
+        ax.set_axis_off()
+        ax.text(0.5, 0.6, "monitor off", ha="center", va="center", fontsize=28, color="gray")
+        ax.text(0.5, 0.38, textwrap.fill("The pretraining run logged no knn_top1 records. Turn the in-loop "
+                                         "k-NN monitor on in the pretraining config (section `monitor`, "
+                                         "knn_every_epochs > 0) to see feature quality over pretraining.", 60),
+                ha="center", va="center", fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
 
