@@ -100,10 +100,16 @@ class BaselineLoader(Loader):
         if start_step >= plan.steps:
             return
         if self._loader is None:
+            # The loader's own generator: without it the DataLoader draws its workers' base seed from
+            # torch's global generator when the first iterator starts, which shifts the training
+            # process's random stream (drop path) by one draw, and a resumed run starts its iterator
+            # at another point of that stream than an uninterrupted one. The workers draw nothing
+            # (every decision comes from pipelines.sampling), so the seed's value does not matter.
             self._loader = DataLoader(
                 _StepDataset(self), batch_size=None, sampler=self._steps, num_workers=self.num_threads,
                 prefetch_factor=2, persistent_workers=True, multiprocessing_context="forkserver",
-                pin_memory=self.device.type == "cuda", collate_fn=_identity)
+                pin_memory=self.device.type == "cuda", collate_fn=_identity,
+                generator=torch.Generator().manual_seed(self.seed))
         self._steps.epoch, self._steps.start, self._steps.stop = plan.epoch, start_step, plan.steps
         for images, host in self._loader:
             if images is None:

@@ -221,3 +221,18 @@ def test_bad_arguments_are_named(data_dir):
         build_loader("eval", data_dir / "nope", split="val", batch_size=4, image_size=32)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         build_loader("pretrain", data_dir, split="train", batch_size=64, image_size=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_batches_leaves_the_global_random_stream_alone(data_dir, backend):
+    # Drop path draws from torch's global generator in the training process; a loader that drew
+    # from it (the DataLoader's worker seed) would make a resumed run diverge from an
+    # uninterrupted one, whose loader started at another point of that stream.
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    loader = _loader(data_dir, "finetune", backend, batch_size=8)
+    for _ in loader.epoch(0):
+        pass
+    next(iter(loader.epoch(1)))
+    assert torch.equal(torch.rand(4), expected)
