@@ -131,9 +131,20 @@ def _rng_states():
 
 
 @pytest.mark.slow
-def test_a_probe_leaves_the_rng_streams_as_they_were_and_matches_star_probe():
-    # the baseline backend's DataLoader draws its worker seed from torch's global generator
-    # when it starts: exactly what the monitor must not let leak into training's drop path
+def test_a_probe_leaves_the_rng_streams_as_they_were_and_matches_star_probe(monkeypatch):
+    # Anything a probe draws from the global generators (a loader's worker seed, a backend's own
+    # sampling) would leak into training's drop path; the loaders draw nothing today
+    # (tests/test_pipelines_loaders.py), so the hazard is injected here: feature extraction
+    # that draws from all three generators, as a DataLoader without its own generator did.
+    import star.train.monitor as monitor_module
+
+    real_extract = monitor_module.extract_features
+
+    def drawing_extract(*args, **kwargs):
+        random.random(), np.random.rand(), torch.rand(1)
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "extract_features", drawing_extract)
     overrides = [*TINY_PRETRAIN, f"data.dir={shard_dir()}", "data.backend=baseline", "monitor.knn_every_epochs=1",
                  f"monitor.knn_train_images={TRAIN_SUBSET}", f"monitor.knn_val_images={VAL_SUBSET}"]
     cfg = load_config("smoke", overrides)
@@ -143,9 +154,7 @@ def test_a_probe_leaves_the_rng_streams_as_they_were_and_matches_star_probe():
                   backend="baseline", num_threads=1, seed=cfg.seed)
     train = probe_loader(shard_dir(), "train", max_images=TRAIN_SUBSET, **common)
     val = probe_loader(shard_dir(), "val", max_images=VAL_SUBSET, **common)
-    before = torch.get_rng_state()
     reference = knn_accuracy(model, train, val)
-    assert not torch.equal(torch.get_rng_state(), before)  # the hazard is real (else this test proves nothing)
 
     random.seed(1)
     np.random.seed(2)
@@ -155,6 +164,12 @@ def test_a_probe_leaves_the_rng_streams_as_they_were_and_matches_star_probe():
     record = monitor.end_of_epoch(0, 3, _Engine(model), logger)
     after = _rng_states()
     assert after[0] == states[0] and after[1] == states[1] and torch.equal(after[2], states[2])
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    drawing_extract(model, train)  # the hazard is real: the same draws outside the monitor move the streams
+    moved = _rng_states()
+    assert moved[0] != states[0] and moved[1] != states[1] and not torch.equal(moved[2], states[2])
     assert model.training
     assert logger.records == [record]
     assert (record["knn_top1"], record["knn_top5"]) == (reference["top1"], reference["top5"])
