@@ -350,8 +350,6 @@ def test_pretraining_preset_headers_name_a_table_row_and_an_existing_fine_tune_p
     assert re.search(r"Tables? \d|[Nn]o (paper )?table row", header), f"{name}: header names no table row"
     named = re.findall(r"fine-tune with: (\S+)", header)
     assert len(named) == 1, f"{name}: header needs one 'fine-tune with: PRESET' line"
-    if named[0] not in list_presets() and named[0] == "finetune_arm_b":
-        pytest.skip("finetune_arm_b arrives with issue 15's global-pool readout (fine-tuning side)")
     assert named[0] in list_presets(), f"{name} names {named[0]}, which is not a preset"
     assert load_config(named[0]).kind == "finetune"
 

@@ -240,7 +240,7 @@ class Checkpointer:
             check_checkpoint_dir(self.dir / tag)
         if tag is None:
             return None
-        use_safe_loading(engine)  # DeepSpeed's own loader unpickles with weights_only=False
+        use_safe_loading(engine)  # DeepSpeed's own loader would unpickle without restriction
         saved_world = checkpoint_world_size(self.dir / tag)
         self.loaded_world_size = saved_world
         if saved_world != engine.dp_world_size:

@@ -17,7 +17,7 @@ redo the partitioning ourselves, so that is what :func:`restore_repartitioned` d
 
 Why this and not DeepSpeed's universal checkpoint (``ds_to_universal``): the conversion writes a
 second copy of the whole checkpoint (one file per parameter and state, 12 bytes a parameter),
-runs worker pools, unpickles with ``weights_only=False`` and needs ``load_universal`` set before
+runs worker pools, unpickles without restriction and needs ``load_universal`` set before
 the engine exists; a consolidated copy written at save time would cost 12 bytes a parameter on
 *every* checkpoint for an event that happens a few times per run. Reading the shards at resume
 time costs nothing at save time; the price is that every rank reads the whole optimizer state

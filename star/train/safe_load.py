@@ -11,11 +11,12 @@ plain values and nothing else, plus the few types our and DeepSpeed's checkpoint
 - ``argparse.Namespace`` (MAE-style checkpoints such as ARM's ``checkpoint-1599.pth`` store
   their command line).
 
-DeepSpeed itself loads its shards with ``weights_only=False``; :func:`use_safe_loading`
-replaces the loader of an engine's checkpoint engine, and :func:`check_checkpoint_dir` scans a
-checkpoint's files before DeepSpeed or its ``zero_to_fp32`` helper opens them (the scan reads
-only the pickle's opcodes; nothing is executed). A file that needs anything else is refused
-with its name and the offending global.
+DeepSpeed's own checkpoint engine unpickles without restriction; :func:`use_safe_loading`
+replaces that engine's loader with :func:`safe_load`, and :func:`check_checkpoint_dir` scans a
+checkpoint's files before anything slow starts (the scan reads only the pickle's opcodes;
+nothing is executed). Consolidating a run (export, eval, --init) reads the ZeRO shards itself
+through :func:`safe_load` (star/train/weights.py), not through DeepSpeed's ``zero_to_fp32``.
+A file that needs anything else is refused with its name and the offending global.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import torch
 
 from star.models import to_arm_state_dict
 from star.train.checkpoint import Checkpointer
-from star.train.safe_load import check_checkpoint_dir, safe_load
+from star.train.elastic import checkpoint_world_size, merged_states, per_parameter
+from star.train.safe_load import safe_load
 
 
 def checkpoint_tag(run_dir: Path, tag: str | None = None) -> tuple[Path, str]:
@@ -36,15 +37,18 @@ def consolidate_run(run_dir: str | Path, *, tag: str | None = None, ema: bool = 
     """The full fp32 state dict of a run's newest (or ``tag``) checkpoint, under ARM's names;
     ``ema=True`` gives the EMA."""
     ckpt_dir, tag = checkpoint_tag(Path(run_dir), tag)
-    check_checkpoint_dir(ckpt_dir / tag)  # before zero_to_fp32, which unpickles with weights_only=False
-    states = safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt")
+    step_dir = ckpt_dir / tag
+    states = safe_load(step_dir / "mp_rank_00_model_states.pt")
     if ema:
         if states.get("ema") is None:
-            raise ValueError(f"{ckpt_dir / tag} holds no EMA weights (the run had ema.enabled=false)")
+            raise ValueError(f"{step_dir} holds no EMA weights (the run had ema.enabled=false)")
         return to_arm_state_dict(dict(states["ema"]))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    params = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # The fp32 master weights from the ZeRO shards, read through safe_load by the same code that
+    # re-partitions them for an elastic resume (DeepSpeed's zero_to_fp32 would unpickle them freely).
+    world = checkpoint_world_size(step_dir)
+    flats, _, paddings = merged_states(step_dir, world)
+    params = {name: state["fp32"] for name, state in
+              per_parameter(flats, states["param_shapes"], paddings, world).items()}
     module = states["module"]  # full module (params + buffers) in the model's order
     out = {}
     for name, value in module.items():
